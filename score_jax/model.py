@@ -1,0 +1,227 @@
+"""Gemma-style decoder (flax.linen) over the slot layout described in INTERFACES.md.
+
+Param names and shapes follow Gemma's reference `gemma/modules.py` so its checkpoints map
+onto this tree. The model never sees slot indices: callers pass rotary positions and an
+attention mask, which is what makes logits independent of the padding layout.
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Finite, so a fully masked row softmaxes to uniform instead of NaN (Gemma's K_MASK).
+MASK_VALUE = -2.3819763e38
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  embed_dim: int
+  hidden_dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_base: int = 10_000
+  dtype: str = 'float32'  # activations
+  param_dtype: str = 'float32'
+  remat: bool = False
+
+  @classmethod
+  def from_config(cls, cfg) -> 'ModelConfig':
+    """Reads the fields above from a ConfigDict (or dict); other keys are ignored."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: cfg[n] for n in names if n in cfg})
+
+
+def positions_from_valid(valid_BxL: jax.Array) -> jax.Array:
+  """Rotary position of each slot = number of valid slots before it (pads reuse a neighbour's)."""
+  return jnp.maximum(jnp.cumsum(valid_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_attention_mask(valid_BxL: jax.Array) -> jax.Array:
+  """causal & key_valid, plus the diagonal so a pad query still attends to something."""
+  length = valid_BxL.shape[-1]
+  causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
+  eye_LxL = jnp.eye(length, dtype=bool)
+  return (causal_LxL[None] & valid_BxL[:, None, :]) | eye_LxL[None]
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None) -> dict:
+  """Zeroed KV cache, heads-major [B,K,S,H] (measured 2x faster than [B,S,K,H] here)."""
+  dtype = dtype or config.dtype
+  shape = (batch_size, config.num_kv_heads, cache_size, config.head_dim)
+  return {f'layer_{i}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+          for i in range(config.num_layers)}
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, base: int) -> jax.Array:
+  """Split-half rotary embedding as in Gemma (not interleaved pairs)."""
+  head_dim = x_BxLxNxH.shape[-1]
+  fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
+  timescale = base ** fraction
+  angle_BxLx1xH2 = (positions_BxL[..., None].astype(jnp.float32) / timescale)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
+  first, second = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x_BxLxNxH.dtype)
+
+
+class Einsum(nn.Module):
+  """A weight `w` of `shape` applied with an einsum equation (Gemma's layers.Einsum)."""
+  shape: tuple[int, ...]
+  fan_in_axes: tuple[int, ...]  # for the init scale only
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    fan_in = math.prod(self.shape[a] for a in self.fan_in_axes)
+    w = self.param('w', nn.initializers.normal(fan_in ** -0.5), self.shape, self.param_dtype)
+    return jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """Scale stored as an offset from 1, so a zero-initialised norm is the identity (Gemma)."""
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.zeros_init(), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+    return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.input_embedding = self.param(
+        'input_embedding', nn.initializers.normal(c.embed_dim ** -0.5),
+        (c.vocab_size, c.embed_dim), c.param_dtype)
+
+  def encode(self, tokens_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = self.input_embedding[tokens_BxL].astype(self.config.dtype)
+    # Gemma casts sqrt(D) to the activation dtype before multiplying; do the same so bf16
+    # runs match its checkpoints bit for bit.
+    return x_BxLxD * jnp.sqrt(self.config.embed_dim).astype(x_BxLxD.dtype)
+
+  def decode(self, x_BxLxD: jax.Array) -> jax.Array:
+    # float32 logits even for bf16 activations: log-probs feed the policy gradient and KL.
+    return jnp.einsum('BLD,VD->BLV', x_BxLxD, self.input_embedding.astype(x_BxLxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, attn_mask_BxLxS, cache, cache_slot):
+    c = self.config
+    N, K, D, H = c.num_heads, c.num_kv_heads, c.embed_dim, c.head_dim
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    if K == N:  # Gemma fuses the projections when there is no kv-head sharing.
+      q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = Einsum((3, N, D, H), (2,), name='qkv_einsum', **kw)(
+          'BLD,CNDH->CBLNH', x_BxLxD)
+    else:
+      q_BxLxNxH = Einsum((N, D, H), (1,), name='q_einsum', **kw)('BLD,NDH->BLNH', x_BxLxD)
+      k_BxLxKxH, v_BxLxKxH = Einsum((2, K, D, H), (2,), name='kv_einsum', **kw)(
+          'BLD,CKDH->CBLKH', x_BxLxD)
+    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, c.rope_base) * jnp.asarray(
+        H ** -0.5, c.dtype)
+    k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, c.rope_base)
+    k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
+    v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
+
+    if cache is None:
+      k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxLxH, v_BxKxLxH, None
+    else:
+      at = (0, 0, cache_slot, 0)
+      k_all = jax.lax.dynamic_update_slice(cache['k'], k_BxKxLxH.astype(cache['k'].dtype), at)
+      v_all = jax.lax.dynamic_update_slice(cache['v'], v_BxKxLxH.astype(cache['v'].dtype), at)
+      new_cache = {'k': k_all, 'v': v_all}
+      k_BxKxSxH, v_BxKxSxH = k_all.astype(c.dtype), v_all.astype(c.dtype)
+
+    # Query head n shares kv head n // G (Gemma's grouping); the einsum over groups avoids
+    # materialising repeated keys.
+    B, L = x_BxLxD.shape[:2]
+    q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
+    logits_BxKxGxLxS = jnp.einsum('BLKGH,BKSH->BKGLS', q_BxLxKxGxH, k_BxKxSxH,
+                                  preferred_element_type=jnp.float32)
+    logits_BxKxGxLxS = jnp.where(attn_mask_BxLxS[:, None, None], logits_BxKxGxLxS, MASK_VALUE)
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(c.dtype)
+    out_BxLxKxGxH = jnp.einsum('BKGLS,BKSH->BLKGH', probs, v_BxKxSxH)
+    out_BxLxNxH = out_BxLxKxGxH.reshape(B, L, N, H)
+    out_BxLxD = Einsum((N, H, D), (0, 1), name='attn_vec_einsum', **kw)(
+        'BLNH,NHD->BLD', out_BxLxNxH)
+    return out_BxLxD, new_cache
+
+
+class FeedForward(nn.Module):
+  """Gated GELU (tanh approximation), Gemma's param names and layouts."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    c = self.config
+    D, F = c.embed_dim, c.hidden_dim
+    w_2xDxF = self.param('gating_einsum', nn.initializers.normal(D ** -0.5), (2, D, F),
+                         c.param_dtype).astype(c.dtype)
+    w_FxD = self.param('linear', nn.initializers.normal(F ** -0.5), (F, D),
+                       c.param_dtype).astype(c.dtype)
+    gate_BxLxF = jax.nn.gelu(x_BxLxD @ w_2xDxF[0], approximate=True)
+    return (gate_BxLxF * (x_BxLxD @ w_2xDxF[1])) @ w_FxD
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Gemma 2/3 post-norms would wrap `attn_out` / `ffw_out` here."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, attn_mask_BxLxS, cache, cache_slot):
+    pd = self.config.param_dtype
+    attn_out, new_cache = Attention(self.config, name='attn')(
+        RMSNorm(pd, name='pre_attention_norm')(x_BxLxD), positions_BxL, attn_mask_BxLxS,
+        cache, cache_slot)
+    x_BxLxD = x_BxLxD + attn_out
+    ffw_out = FeedForward(self.config, name='mlp')(RMSNorm(pd, name='pre_ffw_norm')(x_BxLxD))
+    return x_BxLxD + ffw_out, new_cache
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    block_cls = nn.remat(Block) if c.remat else Block
+    self.embedder = Embedder(c)
+    self.layers = [block_cls(c, name=f'layer_{i}') for i in range(c.num_layers)]
+    self.final_norm = RMSNorm(c.param_dtype)
+
+  def __call__(self, tokens_BxL, positions_BxL, attn_mask_BxLxS, cache=None, cache_slot=None,
+               return_hidden=False):
+    """-> (logits_BxLxV float32 | hidden_BxLxD, new_cache or None).
+
+    With a cache, the L new k/v go to slots [cache_slot, cache_slot + L) and queries attend
+    over all S cache slots under `attn_mask_BxLxS`; without, S == L.
+    """
+    x_BxLxD = self.embedder.encode(tokens_BxL)
+    new_cache = None if cache is None else {}
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[f'layer_{i}']
+      x_BxLxD, layer_cache = layer(x_BxLxD, positions_BxL, attn_mask_BxLxS, layer_cache,
+                                   cache_slot)
+      if cache is not None:
+        new_cache[f'layer_{i}'] = layer_cache
+    hidden_BxLxD = self.final_norm(x_BxLxD)
+    if return_hidden:
+      return hidden_BxLxD, new_cache
+    return self.logits(hidden_BxLxD), new_cache
+
+  def logits(self, hidden_BxLxD):
+    """Tied unembedding; float32 logits."""
+    return self.embedder.decode(hidden_BxLxD)

@@ -1,0 +1,205 @@
+"""Prefill + `lax.while_loop` decode with a KV cache over the slot layout.
+
+Every new token (prompt, instruction or sampled) is written at the next free slot with its
+validity; rotary positions continue from the number of valid slots so far. Rows that have
+finished keep writing pad tokens as *invalid* slots, so all rows share one slot counter.
+"""
+import functools
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from score_jax import model as model_lib
+
+PAD_ID = 0
+
+
+class SampleParams(NamedTuple):
+  """Traced scalars: changing them never recompiles (pass the same dtypes, see `create`)."""
+  temperature: jax.Array  # 0 = greedy
+  top_k: jax.Array  # 0 = off
+  top_p: jax.Array  # 1.0 = off
+
+  @classmethod
+  def create(cls, temperature=0.0, top_k=0, top_p=1.0) -> 'SampleParams':
+    return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+
+
+@flax.struct.dataclass
+class DecodeState:
+  cache: dict
+  valid_BxS: jax.Array  # bool: slot holds a real token
+  next_pos_B: jax.Array  # int32: rotary position of the next valid token
+  slot: jax.Array  # int32 scalar: next free slot
+  last_logits_BxV: jax.Array  # float32: logits after the last valid token
+
+
+@flax.struct.dataclass
+class Sample:
+  tokens_BxT: jax.Array  # pad after EOS; EOS included
+  valid_BxT: jax.Array
+  logprobs_BxT: jax.Array  # untempered log-prob of the taken token; 0 where invalid
+  lengths_B: jax.Array  # incl. EOS
+  truncated_B: jax.Array  # no EOS within T
+
+
+def _empty_state(config, batch_size: int, cache_size: int) -> DecodeState:
+  return DecodeState(
+      cache=model_lib.init_cache(config, batch_size, cache_size),
+      valid_BxS=jnp.zeros((batch_size, cache_size), bool),
+      next_pos_B=jnp.zeros((batch_size,), jnp.int32),
+      slot=jnp.int32(0),
+      last_logits_BxV=jnp.zeros((batch_size, config.vocab_size), jnp.float32))
+
+
+def append(model, params, state: DecodeState, tokens_BxL, valid_BxL) -> DecodeState:
+  """Prefills L tokens at `state.slot`. The caller must size the cache: past its end
+  `dynamic_update_slice` would clamp and overwrite earlier slots."""
+  B, L = tokens_BxL.shape
+  S = state.valid_BxS.shape[1]
+  valid_BxS = jax.lax.dynamic_update_slice(state.valid_BxS, valid_BxL, (0, state.slot))
+  cum_BxL = jnp.cumsum(valid_BxL.astype(jnp.int32), axis=1)
+  positions_BxL = jnp.maximum(state.next_pos_B[:, None] + cum_BxL - 1, 0)
+  # Query at slot q sees valid slots <= q and itself (so pads never attend to nothing).
+  query_slot_L = state.slot + jnp.arange(L)
+  key_slot_S = jnp.arange(S)
+  causal_LxS = key_slot_S[None, :] <= query_slot_L[:, None]
+  self_LxS = key_slot_S[None, :] == query_slot_L[:, None]
+  mask_BxLxS = (causal_LxS[None] & valid_BxS[:, None, :]) | self_LxS[None]
+  hidden_BxLxD, cache = model.apply(params, tokens_BxL, positions_BxL, mask_BxLxS,
+                                    cache=state.cache, cache_slot=state.slot,
+                                    return_hidden=True)
+  # Only the last valid position's logits are needed; unembed just that one row.
+  any_valid_B = cum_BxL[:, -1] > 0
+  last_B = jnp.argmax(cum_BxL, axis=1)  # first index reaching the final count
+  hidden_Bx1xD = jnp.take_along_axis(hidden_BxLxD, last_B[:, None, None], axis=1)
+  logits_BxV = model.apply(params, hidden_Bx1xD, method=model.logits)[:, 0]
+  return DecodeState(
+      cache=cache,
+      valid_BxS=valid_BxS,
+      next_pos_B=state.next_pos_B + cum_BxL[:, -1],
+      slot=state.slot + L,
+      last_logits_BxV=jnp.where(any_valid_B[:, None], logits_BxV, state.last_logits_BxV))
+
+
+def start(model, params, tokens_BxP, valid_BxP, cache_size: int) -> DecodeState:
+  """Prefill of left-padded prompts into a fresh cache of `cache_size` slots."""
+  state = _empty_state(model.config, tokens_BxP.shape[0], cache_size)
+  return append(model, params, state, tokens_BxP, valid_BxP)
+
+
+def filter_logits(logits_BxV, top_k, top_p):
+  """Masks tokens outside top-k and outside the top-p nucleus (after top-k).
+
+  Thresholds are dynamic (traced k and p); the argmax is always kept. Ties at the
+  threshold are all kept.
+  """
+  V = logits_BxV.shape[-1]
+  sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+  rank_V = jnp.arange(V)
+  sorted_BxV = jnp.where(rank_V < k, sorted_BxV, -jnp.inf)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  # Keep a token if the mass strictly before it is below p (the first one always).
+  mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+  keep_BxV = (mass_before_BxV < top_p) & (rank_V < k) | (rank_V == 0)
+  num_keep_B = jnp.sum(keep_BxV, axis=-1)
+  threshold_B = jnp.take_along_axis(sorted_BxV, num_keep_B[:, None] - 1, axis=-1)
+  return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)
+
+
+def sample_token(logits_BxV, rng, sample_params: SampleParams):
+  """Greedy when temperature <= 0, else temperature + top-k + top-p sampling."""
+  def sample(_):
+    scaled_BxV = logits_BxV / jnp.maximum(sample_params.temperature, 1e-6)
+    filtered_BxV = filter_logits(scaled_BxV, sample_params.top_k, sample_params.top_p)
+    return jax.random.categorical(rng, filtered_BxV, axis=-1).astype(jnp.int32)
+
+  def greedy(_):
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  # A cond, not a where: greedy evaluation skips the vocabulary sort entirely.
+  return jax.lax.cond(sample_params.temperature > 0, sample, greedy, None)
+
+
+class _Loop(NamedTuple):
+  step: jax.Array
+  done_B: jax.Array
+  state: DecodeState
+  rng: jax.Array
+  tokens_BxT: jax.Array
+  valid_BxT: jax.Array
+  logprobs_BxT: jax.Array
+
+
+def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
+           max_new_tokens: int, eos_id: int) -> tuple[DecodeState, Sample]:
+  """Samples up to T tokens per row, one slot per step, until every row emitted EOS.
+
+  The last sampled token is fed to the model too, so the cache holds the full answer (incl.
+  EOS) and `state.slot` ends right after the longest sample, ready for `append`.
+  """
+  B = state.valid_BxS.shape[0]
+  S = state.valid_BxS.shape[1]
+  T = max_new_tokens
+
+  def cond(loop: _Loop):
+    return (loop.step < T) & ~jnp.all(loop.done_B) & (loop.state.slot < S)
+
+  def body(loop: _Loop) -> _Loop:
+    rng, step_rng = jax.random.split(loop.rng)
+    logits_BxV = loop.state.last_logits_BxV
+    live_B = ~loop.done_B
+    token_B = jnp.where(live_B, sample_token(logits_BxV, step_rng, sample_params), PAD_ID)
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1),
+                                    token_B[:, None], axis=-1)[:, 0]
+    at = (0, loop.step)
+    return _Loop(
+        step=loop.step + 1,
+        done_B=loop.done_B | (token_B == eos_id),
+        state=append(model, params, loop.state, token_B[:, None], live_B[:, None]),
+        rng=rng,
+        tokens_BxT=jax.lax.dynamic_update_slice(loop.tokens_BxT, token_B[:, None], at),
+        valid_BxT=jax.lax.dynamic_update_slice(loop.valid_BxT, live_B[:, None], at),
+        logprobs_BxT=jax.lax.dynamic_update_slice(
+            loop.logprobs_BxT, jnp.where(live_B, logprob_B, 0.0)[:, None], at))
+
+  loop = _Loop(
+      step=jnp.int32(0), done_B=jnp.zeros((B,), bool), state=state, rng=rng,
+      tokens_BxT=jnp.full((B, T), PAD_ID, jnp.int32), valid_BxT=jnp.zeros((B, T), bool),
+      logprobs_BxT=jnp.zeros((B, T), jnp.float32))
+  loop = jax.lax.while_loop(cond, body, loop)
+  return loop.state, Sample(
+      tokens_BxT=loop.tokens_BxT, valid_BxT=loop.valid_BxT, logprobs_BxT=loop.logprobs_BxT,
+      lengths_B=jnp.sum(loop.valid_BxT, axis=1, dtype=jnp.int32), truncated_B=~loop.done_B)
+
+
+class Sampler:
+  """Jits start/append/decode once per input shape; sampling settings are traced values.
+
+  Pad prompts to one fixed length (e.g. `rollout.left_pad`) so calls never recompile.
+  """
+
+  def __init__(self, model, cache_size: int, max_new_tokens: int, eos_id: int = 3):
+    self.max_new_tokens = max_new_tokens
+    self._start = jax.jit(functools.partial(start, model, cache_size=cache_size))
+    self._append = jax.jit(functools.partial(append, model))
+    self._decode = jax.jit(functools.partial(decode, model, eos_id=eos_id),
+                           static_argnames=('max_new_tokens',))
+
+  def start(self, params, tokens_BxP, valid_BxP) -> DecodeState:
+    return self._start(params, tokens_BxP, valid_BxP)
+
+  def append(self, params, state, tokens_BxL, valid_BxL) -> DecodeState:
+    return self._append(params, state, tokens_BxL, valid_BxL)
+
+  def decode(self, params, state, rng, temperature=0.0, top_k=0, top_p=1.0):
+    sample_params = SampleParams.create(temperature, top_k, top_p)
+    return self._decode(params, state, rng, sample_params,
+                        max_new_tokens=self.max_new_tokens)
+
+  def __call__(self, params, tokens_BxP, valid_BxP, rng, **sample_kw) -> Sample:
+    """One-turn generation from left-padded prompts."""
+    return self.decode(params, self.start(params, tokens_BxP, valid_BxP), rng, **sample_kw)[1]

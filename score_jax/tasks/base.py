@@ -1,0 +1,58 @@
+"""What a task is: a dataset, a prompt format, a correction instruction and a verifier.
+
+The trainer only talks to tasks through `Task`, so adding a benchmark means adding one
+module under `score_jax/tasks/` and one line to the registry in `__init__.py`.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One problem. `prompt` is the bare problem text; `Task.prompt` formats it for turn 1."""
+  id: str
+  prompt: str
+  answer: str
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Task(abc.ABC):
+  """A two-turn self-correction task.
+
+  Episode (SCORE.md): x1 = prompt(problem); y1 ~ pi(.|x1);
+  x2 = [x1, y1, correction_instruction]; y2 ~ pi(.|x2); rewards reward(y_t, problem).
+  """
+
+  name: str
+  correction_instruction: str
+
+  @abc.abstractmethod
+  def train_problems(self, rng: np.random.Generator, n: int) -> list[Problem]:
+    """`n` training problems drawn with `rng`; never one of `eval_problems`."""
+
+  @abc.abstractmethod
+  def eval_problems(self, n: int) -> list[Problem]:
+    """The first `n` held-out problems, the same on every call."""
+
+  @abc.abstractmethod
+  def prompt(self, problem: Problem) -> str:
+    """The full turn-1 text the model sees."""
+
+  @abc.abstractmethod
+  def reward(self, response_text: str, problem: Problem) -> float:
+    """Binary oracle reward r(y, y*) in {0.0, 1.0}; malformed responses get 0.0."""
+
+  @abc.abstractmethod
+  def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
+    """`n` texts for training a tokenizer that covers everything this task shows the model."""
+
+  def base_transcripts(self, rng: np.random.Generator,
+                       n: int) -> list[tuple[Problem, str, str]]:
+    """(problem, y1, y2) triples for supervised training of an embedded base model."""
+    raise NotImplementedError(
+        f'task {self.name!r} has no embedded base model; start from pretrained weights')

@@ -1,0 +1,222 @@
+"""Training phases: the base model (supervised), SCoRe Stage I and Stage II (RL).
+
+Each phase is a loop over one jitted, donated, explicitly sharded step and owns a
+checkpoint directory under the workdir; a restarted run resumes every phase from its
+latest checkpoint and skips finished ones. The compiled steps are pure functions of
+(state, batch); the SCoRe loss itself lives in objective.py.
+"""
+import functools
+import os
+import time
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from score_jax import checkpoints
+from score_jax import data
+from score_jax import metrics as metrics_lib
+from score_jax import objective
+from score_jax import rollout
+from score_jax import sampling
+from score_jax import sharding
+from score_jax.model import ModelConfig, Transformer, causal_attention_mask, positions_from_valid
+
+PHASES = ("base", "stage1", "stage2")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(learning_rate: float, grad_clip: float, warmup_steps: int = 0,
+                   total_steps: int = 0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Adam (the paper's optimizer); warmup + cosine only where total_steps is given (SFT)."""
+  lr = learning_rate
+  if total_steps:
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                            max(total_steps, warmup_steps + 1))
+  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(lr, weight_decay=weight_decay))
+
+
+def _masked_mean(x, mask):
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def sft_step(model, tx, chunk, state: TrainState, batch):
+  """One supervised step on turn>0 tokens (how the embedded base model is made)."""
+  def loss_fn(params):
+    logp, _ = objective.token_logprobs(model, params, batch["tokens"], batch["valid"], chunk)
+    return objective.sft_loss(logp, batch["turn"])
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(state.step + 1, params, opt_state), dict(loss=loss, grad_norm=optax.global_norm(grads))
+
+
+def rl_step(model, tx, chunk, loss_cfg, state: TrainState, ref_params, batch):
+  """One SCoRe step: reference log-probs, then the stage's loss and an Adam update."""
+  tokens, valid, turn = batch["tokens"], batch["valid"], batch["turn"]
+  logp_ref, _ = objective.token_logprobs(model, ref_params, tokens, valid, chunk)
+  logp_ref = jax.lax.stop_gradient(logp_ref)
+
+  def loss_fn(params):
+    logp, entropy = objective.token_logprobs(model, params, tokens, valid, chunk)
+    loss, m = objective.score_loss(logp, logp_ref, turn, batch["r1"], batch["r2"], loss_cfg)
+    m = dict(m, entropy=_masked_mean(jax.lax.stop_gradient(entropy), turn > 0))
+    return loss, m
+  (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(state.step + 1, params, opt_state), dict(m, grad_norm=optax.global_norm(grads))
+
+
+class Trainer:
+  """The edges: mesh, shardings, compiled functions, checkpoints and loops of every phase."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, tok, task,
+               fmt: data.PromptFormat = data.PromptFormat()):
+    self.config, self.workdir, self.tok, self.task, self.fmt = config, workdir, tok, task, fmt
+    self.mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    self.model = Transformer(ModelConfig.from_config(config.model))
+    self.batch_sh = sharding.batch_sharding(self.mesh)
+    self.repl_sh = sharding.replicated(self.mesh)
+    self.abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
+    self.param_sh = sharding.param_shardings(self.mesh, self.abstract_params, config.sharding_rules)
+    self.instr = data.instruction_ids(tok, fmt, task)
+    r = config.rollout
+    def two_turn(params, *args):
+      return rollout.two_turn(self.model, {"params": params}, *args, max_len_1=r.max_len_1,
+                              max_len_2=r.max_len_2, eos_id=tok.eos_id)
+    self._rollout = jax.jit(two_turn,
+        in_shardings=(self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh,
+                      self.repl_sh))
+
+  def _init_params(self, rng):
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    valid = jnp.ones((1, 8), bool)
+    return self.model.init(rng, tokens, positions_from_valid(valid),
+                           causal_attention_mask(valid))["params"]
+
+  def init_params(self, seed: int):
+    return jax.jit(self._init_params, out_shardings=self.param_sh)(jax.random.key(seed))
+
+  # -- phases ----------------------------------------------------------------------------
+
+  def _state_shardings(self, tx):
+    abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+    opt_sh = sharding.follow_params(self.mesh, abstract_opt, self.param_sh)
+    return TrainState(step=self.repl_sh, params=self.param_sh, opt_state=opt_sh), abstract_opt
+
+  def _run_phase(self, name: str, steps: int, tx, init_params, step_fn, batch_fn, extra_args=()):
+    """Generic loop: resume, step, log, checkpoint. Returns the phase's final params."""
+    cfg = self.config
+    state_sh, abstract_opt = self._state_shardings(tx)
+    ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, name), cfg.checkpoint.every,
+                                    cfg.checkpoint.keep)
+    start = ckpt.latest_step() or 0
+    if start:
+      params, opt_state, _ = ckpt.restore(
+          start, checkpoints.abstract_like(self.abstract_params, self.param_sh),
+          checkpoints.abstract_like(abstract_opt, state_sh.opt_state))
+      print(f"[{name}] resuming from {ckpt.directory}/{start}", flush=True)
+    else:
+      # A copy: the state is donated to the step, while `init_params` may also be the
+      # frozen reference.
+      params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sh)(init_params)
+      opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
+    if start >= steps:
+      ckpt.close()
+      return params
+    state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), self.repl_sh), params, opt_state)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh,) + tuple(a[1] for a in extra_args) + (None,),
+                     out_shardings=(state_sh, self.repl_sh), donate_argnums=0)
+    writer = metrics_lib.MetricWriter(self.workdir, name, steps, cfg.log_every)
+    try:
+      for step in range(start, steps):
+        t0 = time.time()
+        batch, host_metrics = batch_fn(state.params, step)
+        batch = jax.device_put(batch, self.batch_sh)
+        state, m = jitted(state, *(a[0] for a in extra_args), batch)
+        m = jax.device_get(m)
+        dt = time.time() - t0
+        n_tokens = int(np.sum(np.asarray(jax.device_get(batch["valid"]))))
+        writer.write(step + 1, dict(m, **host_metrics, step_time=dt, tokens_per_s=n_tokens / dt))
+        ckpt.save(step + 1, state.params, state.opt_state, dict(phase=name), force=step + 1 == steps)
+    finally:
+      writer.close()
+      ckpt.close()
+    return state.params
+
+  def train_base(self):
+    """Supervised base model from the task's transcripts (second attempt = fresh retry)."""
+    cfg, b = self.config, self.config.base
+    tx = make_optimizer(b.learning_rate, 1.0, b.warmup_steps, b.steps, b.weight_decay)
+    step_fn = functools.partial(sft_step, self.model, tx, cfg.rl.logprob_chunk)
+    r = cfg.rollout
+
+    def batch_fn(params, step):
+      rng = np.random.default_rng([cfg.seed, 0, step])
+      return data.sft_batch(self.tok, self.fmt, self.task, rng, b.batch_size, r.max_prompt_len,
+                            r.max_len_1, r.max_len_2), {}
+    return self._run_phase("base", b.steps, tx, self.init_params(cfg.seed), step_fn, batch_fn)
+
+  def train_stage(self, stage: int, init_params, ref_params):
+    """SCoRe Stage I (stage=1) or Stage II (stage=2) from `init_params`, KL to `ref_params`."""
+    cfg, rl = self.config, self.config.rl
+    st = cfg.stage1 if stage == 1 else cfg.stage2
+    loss_cfg = ml_collections.ConfigDict(dict(
+        stage=stage, alpha=st.get("alpha", 0.0), beta1=st.beta1, beta2=st.get("beta2", st.beta1),
+        kl_estimator=rl.kl_estimator, baseline=rl.baseline, rloo_k=rl.samples_per_prompt,
+        normalize_advantages=rl.normalize_advantages))
+    tx = make_optimizer(rl.learning_rate, rl.grad_clip)
+    step_fn = functools.partial(rl_step, self.model, tx, rl.logprob_chunk, loss_cfg)
+    r = cfg.rollout
+    sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
+
+    def batch_fn(params, step):
+      problems = data.rl_problems(self.task, cfg.seed, stage, step, rl.num_prompts,
+                                  rl.samples_per_prompt)
+      t0 = time.time()
+      episode, scored = self.rollout_and_score(params, problems, sample_params,
+                                               jax.random.fold_in(jax.random.key(cfg.seed),
+                                                                  stage * 1_000_003 + step))
+      t_sample = time.time() - t0
+      tokens, valid, turn = rollout.episode_sequence(episode, self.instr)
+      s = scored["stats"]
+      new_tokens = float(np.sum(scored["len1"]) + np.sum(scored["len2"]))
+      host = dict(r1=s["acc_t1"], r2=s["acc_t2"], delta=s["delta"], delta_i2c=s["delta_i2c"],
+                  delta_c2i=s["delta_c2i"], edit_ratio=s["edit_ratio_mean"],
+                  truncated1=s["truncated_t1"], truncated2=s["truncated_t2"],
+                  len1=float(np.mean(scored["len1"])), len2=float(np.mean(scored["len2"])),
+                  sample_time=t_sample, sample_tokens_per_s=new_tokens / t_sample)
+      batch = dict(tokens=tokens, valid=valid, turn=turn, r1=scored["r1"], r2=scored["r2"])
+      return batch, host
+    extra = ((ref_params, self.param_sh),)
+    return self._run_phase(f"stage{stage}", st.steps, tx, init_params, step_fn, batch_fn, extra)
+
+  # -- sampling and evaluation -------------------------------------------------------------
+
+  def rollout_and_score(self, params, problems, sample_params, rng):
+    """Two-turn episodes for `problems` and their rewards (host side)."""
+    prompt, prompt_valid = data.encode_prompts(self.tok, self.fmt, self.task, problems,
+                                               self.config.rollout.max_prompt_len)
+    episode = self._rollout(params, prompt, prompt_valid, self.instr, rng, sample_params)
+    episode = jax.device_get(episode)
+    return episode, data.score_episode(self.tok, self.task, problems, episode)
+
+  def restore_params(self, directory: str, step: Optional[int] = None):
+    ckpt = checkpoints.Checkpointer(directory)
+    try:
+      params, _, _ = ckpt.restore(step, checkpoints.abstract_like(self.abstract_params, self.param_sh))
+    finally:
+      ckpt.close()
+    return params

@@ -1,0 +1,189 @@
+"""The embedded arithmetic task: arithmetic, student, split, reward, registry."""
+import re
+from fractions import Fraction
+
+import ml_collections
+import numpy as np
+import pytest
+
+from score_jax import tasks
+from score_jax.tasks import arithmetic as ar
+
+_RESPONSE_RE = re.compile(r'Answer (\d+)\. Check (.*) so (\d+)\.')
+_STEP_RE = re.compile(r'(\d)\+(\d)(\+1)?=(\d+)')
+
+
+def _task(**overrides):
+  return tasks.get_task(ml_collections.ConfigDict(dict(name='arithmetic', **overrides)))
+
+
+@pytest.mark.parametrize('a,b,carries,carry_free', [
+    (347, 586, 2, 823),
+    (123, 456, 0, 579),
+    (999, 999, 3, 888),
+    (950, 160, 2, 10),   # 0+0=0, 5+6=11, 9+1+1=11 -> digits 0,1,0
+    (905, 105, 2, 0),    # 5+5, 0+0+1, 9+1: every column wraps to 0
+    (150, 250, 1, 300),  # only the middle column carries
+    (500, 600, 1, 100),  # carry out of the top column counts
+    (7, 8, 1, 5),
+])
+def test_carries_and_carry_free_sum_on_hand_examples(a, b, carries, carry_free):
+  assert ar.count_carries(a, b) == carries
+  assert ar.carry_free_sum(a, b) == carry_free
+
+
+def test_response_format_on_hand_example():
+  assert ar.check_text(347, 586) == '7+6=13, 4+8+1=13, 3+5+1=9 so 933'
+  assert ar.correct_response(347, 586) == (
+      'Answer 933. Check 7+6=13, 4+8+1=13, 3+5+1=9 so 933.')
+  assert ar.correct_response(947, 586) == (
+      'Answer 1533. Check 7+6=13, 4+8+1=13, 9+5+1=15 so 1533.')
+  task = _task()
+  p = task.make_problem(347, 586)
+  assert task.prompt(p) == 'Add 347+586.'
+  assert task.correction_instruction == (
+      'There might be an error in the answer above. Check it and correct it if needed.')
+
+
+@pytest.mark.parametrize('response,expected', [
+    ('Answer 933. Check 7+6=13, 4+8+1=13, 3+5+1=9 so 933.', 1.0),
+    ('Answer 933.', 1.0),
+    ('Answer 933', 1.0),
+    ('Answer 933. Check nonsense so 12.', 1.0),  # only the claimed answer counts
+    ('Answer 823. Check 7+6=13, 4+8+1=13, 3+5+1=9 so 933.', 0.0),
+    ('Answer 833. Check 7+6=13, 4+8+1=13, 3+5+1=9 so 933.', 0.0),
+    ('Answer 9330.', 0.0),
+    ('Answer 93.', 0.0),
+    ('', 0.0),
+    ('933', 0.0),
+    ('Answer: 933.', 0.0),
+    ('answer 933.', 0.0),
+    ('Answer x933.', 0.0),
+    ('Answer 933a.', 0.0),
+    ('Check 7+6=13 so 933. Answer 933.', 0.0),  # the answer must come first
+])
+def test_reward(response, expected):
+  task = _task()
+  assert task.reward(response, task.make_problem(347, 586)) == expected
+
+
+def test_student_work_is_always_right_and_slips_only_on_hard_problems():
+  task = _task()
+  rng = np.random.default_rng(0)
+  for p in task.train_problems(rng, 2000):
+    a, b = p.meta['a'], p.meta['b']
+    y = task.student(p, rng)
+    m = _RESPONSE_RE.fullmatch(y)
+    assert m, y
+    claimed, work, result = int(m.group(1)), m.group(2), int(m.group(3))
+    assert result == a + b
+    steps = work.split(', ')
+    assert len(steps) == 3
+    carry = 0
+    for i, step in enumerate(steps):
+      x, z, carry_in, s = _STEP_RE.fullmatch(step).groups()
+      assert (int(x), int(z)) == (a // 10**i % 10, b // 10**i % 10)
+      assert bool(carry_in) == bool(carry)
+      assert int(s) == int(x) + int(z) + carry
+      carry = int(s) >= 10
+    if ar.count_carries(a, b) >= 2:
+      assert claimed in (a + b, ar.carry_free_sum(a, b))
+    else:
+      assert claimed == a + b
+    assert task.reward(y, p) == float(claimed == a + b)
+
+
+def test_empirical_slip_rate_matches_config():
+  rng = np.random.default_rng(1)
+  for slip_prob in (0.7, 0.3):
+    task = _task(slip_prob=slip_prob)
+    hard = [p for p in task.train_problems(rng, 8000) if p.meta['carries'] >= 2]
+    slips = [task.reward(task.student(p, rng), p) == 0.0 for p in hard]
+    assert len(hard) > 3000
+    assert abs(np.mean(slips) - slip_prob) < 0.03
+
+
+def test_expected_base_accuracy_by_enumeration():
+  # Vectorised, independent carry count over all 810,000 pairs.
+  a, b = (x.ravel() for x in np.meshgrid(np.arange(100, 1000), np.arange(100, 1000)))
+  carries, carry = np.zeros_like(a), np.zeros_like(a)
+  for i in range(3):
+    carry = (a // 10**i % 10 + b // 10**i % 10 + carry >= 10).astype(a.dtype)
+    carries += carry
+  rng = np.random.default_rng(2)
+  for k in rng.integers(0, a.size, 200):
+    assert ar.count_carries(int(a[k]), int(b[k])) == carries[k]
+  hard = Fraction(int((carries >= 2).sum()), a.size)
+  assert hard == Fraction(1879, 3600)
+  assert 1 - Fraction(7, 10) * hard == Fraction(22847, 36000)
+
+
+def test_heldout_never_in_training():
+  task = _task()
+  eval_ids = {f'{a}+{b}' for a, b in task._eval_pairs}
+  assert 0.095 < len(eval_ids) / 810_000 < 0.105
+  train = task.train_problems(np.random.default_rng(3), 50_000)
+  assert len(train) == 50_000
+  assert not eval_ids & {p.id for p in train}
+  assert all(100 <= p.meta['a'] <= 999 and 100 <= p.meta['b'] <= 999 for p in train)
+
+
+def test_eval_problems_deterministic_and_prefix_stable():
+  first = _task().eval_problems(300)
+  again = _task().eval_problems(300)
+  assert [p.id for p in first] == [p.id for p in again]
+  assert [p.id for p in _task().eval_problems(50)] == [p.id for p in first[:50]]
+  assert len({p.id for p in first}) == 300
+  assert all(p.answer == str(p.meta['a'] + p.meta['b']) for p in first)
+  # The split is a fixed function (splitmix64): pin it so it cannot drift silently.
+  assert int(ar.pair_hash(0, 0)) == 0xE220A8397B1DCDAF
+  assert int(ar.pair_hash(347, 586)) == 12507540800544150293
+
+
+def test_eval_problems_too_many_raises():
+  task = _task(num_digits=1)
+  available = len(task._eval_pairs)
+  assert len(task.eval_problems(available)) == available
+  with pytest.raises(ValueError, match='held-out split'):
+    task.eval_problems(available + 1)
+
+
+def test_base_transcripts_are_independent_attempts():
+  task = _task()
+  rng = np.random.default_rng(4)
+  rows = task.base_transcripts(rng, 6000)
+  hard = [(task.reward(y1, p), task.reward(y2, p)) for p, y1, y2 in rows
+          if p.meta['carries'] >= 2]
+  r = np.array(hard)
+  # Independent slips: P(both wrong) ~ 0.7^2, P(exactly one wrong) ~ 2 * 0.7 * 0.3.
+  assert abs(np.mean((r[:, 0] == 0) & (r[:, 1] == 0)) - 0.49) < 0.04
+  assert abs(np.mean(r[:, 0] != r[:, 1]) - 0.42) < 0.04
+
+
+def test_corpus_has_every_kind_of_text():
+  task = _task()
+  texts = list(task.corpus(np.random.default_rng(5), 103))
+  assert len(texts) == 103
+  assert task.correction_instruction in texts
+  assert any(t.startswith('Add ') for t in texts)
+  assert any(t.startswith('Answer ') for t in texts)
+
+
+def test_registry_errors_and_overrides():
+  with pytest.raises(ValueError, match='arithmetic'):
+    tasks.get_task(ml_collections.ConfigDict(dict(name='nope')))
+  with pytest.raises(ValueError, match='slip_porb'):
+    _task(slip_porb=0.5)
+  never = _task(slip_prob=0.0)
+  rng = np.random.default_rng(6)
+  assert all(never.reward(never.student(p, rng), p) == 1.0
+             for p in never.train_problems(rng, 300))
+
+
+def test_base_task_without_transcripts_raises():
+  class Bare(ar.ArithmeticTask):
+    name = 'bare'
+    base_transcripts = tasks.Task.base_transcripts
+
+  with pytest.raises(NotImplementedError, match='bare'):
+    Bare().base_transcripts(np.random.default_rng(0), 1)

@@ -1,0 +1,118 @@
+"""The real pipeline on a tiny config: tokenizer, base, Stage I, Stage II, eval, resume.
+
+Runs `python -m score_jax.main` as a user would (a subprocess), kills it with SIGKILL in
+the middle of Stage II, starts it again with the same command and checks that it resumes
+from its last checkpoint and finishes with the report.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.model.embed_dim=32", "--config.model.hidden_dim=64", "--config.model.num_layers=1",
+    "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
+    "--config.tokenizer.corpus_size=300",
+    "--config.base.steps=20", "--config.base.batch_size=16",
+    "--config.rl.num_prompts=4", "--config.rl.samples_per_prompt=2",
+    "--config.stage1.steps=3", "--config.stage2.steps=12",
+    "--config.eval.num_problems=24", "--config.eval.batch_size=8", "--config.eval.num_transcripts=5",
+    "--config.checkpoint.every=2", "--config.log_every=1",
+]
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "score_jax.main", "--config=configs/demo.py",
+          f"--workdir={workdir}", *TINY, *extra]
+
+
+def _env():
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _metrics(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_pipeline_kill_resume_and_eval(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  deadline = time.time() + 150
+  while time.time() < deadline and proc.poll() is None:
+    if any(m["phase"] == "stage2" and m["step"] >= 5 for m in _metrics(workdir)):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(m["step"] for m in _metrics(workdir) if m["phase"] == "stage2")
+  assert killed_at < 12
+
+  out = subprocess.run(_cmd(workdir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=150)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  log = out.stdout + out.stderr
+  assert "resuming from" in log and "stage2" in log
+  # Base and Stage I were finished: not trained again.
+  assert "[base] step" not in log and "[stage1] step" not in log
+
+  rows = _metrics(workdir)
+  stage2 = [m["step"] for m in rows if m["phase"] == "stage2"]
+  assert max(stage2) == 12
+  resumed = int(re.search(r"\[stage2\] resuming from \S+/stage2/(\d+)", log).group(1))
+  # From a real checkpoint (every 2 steps) at or before the kill, not from the start.
+  assert 0 < resumed <= killed_at and resumed % 2 == 0, (resumed, killed_at)
+  second_run = stage2[stage2.index(killed_at) + 1:]
+  assert second_run == list(range(resumed + 1, 13)), second_run
+  for key in ("r1", "r2", "delta", "kl1", "kl2", "entropy", "edit_ratio", "tokens_per_s"):
+    assert key in rows[-1], key
+
+  table = json.load(open(os.path.join(workdir, "eval", "table.json")))
+  assert set(table) == {"base", "stage1", "stage2"}
+  for r in table.values():
+    assert r["n"] == 24
+    assert 0 <= r["acc_t1"] <= 1 and 0 <= r["acc_t2"] <= 1
+    assert abs(r["delta"] - (r["acc_t2"] - r["acc_t1"])) < 1e-6
+    assert abs(r["delta"] - (r["delta_i2c"] - r["delta_c2i"])) < 1e-6
+  assert os.path.getsize(os.path.join(workdir, "eval", "table.png")) > 1000
+  transcripts = open(os.path.join(workdir, "eval", "transcripts_stage2.jsonl")).readlines()
+  assert len(transcripts) == 5
+  assert {"problem", "y1", "y2", "r1", "r2"} <= set(json.loads(transcripts[0]))
+  assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
+  assert os.listdir(os.path.join(workdir, "tb"))
+
+  # Evaluation alone restores the checkpoints and reproduces the training-time numbers.
+  ev = subprocess.run(_cmd(workdir, "--config.mode=eval"), cwd=REPO, env=_env(),
+                      capture_output=True, text=True, timeout=120)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  table2 = json.load(open(os.path.join(workdir, "eval", "table.json")))
+  for name in table:
+    assert table2[name]["acc_t1"] == table[name]["acc_t1"]
+    assert table2[name]["acc_t2"] == table[name]["acc_t2"]
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.rl.kl_estimator=k7", "rl.kl_estimator"),
+    ("--config.mode=dance", "mode"),
+    ("--config.tokenizer.path=/nonexistent/tok.model", "tokenizer.path"),
+    ("--config.rl.samples_per_prompt=1", "rl.samples_per_prompt"),
+    ("--config.model.num_kv_heads=3", "model.num_kv_heads"),
+])
+def test_bad_config_names_the_field(tmp_path, override, field):
+  out = subprocess.run(_cmd(str(tmp_path / "run"), override), cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode != 0
+  assert f"config.{field}" in out.stderr, out.stderr[-2000:]

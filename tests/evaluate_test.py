@@ -1,0 +1,127 @@
+"""Self-correction metrics, table, plot and JSONL output."""
+import functools
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from score_jax import evaluate as ev
+
+
+def _brute_force(a, b):
+  @functools.lru_cache(maxsize=None)
+  def d(i, j):
+    if i == 0 or j == 0:
+      return i + j
+    return min(d(i - 1, j) + 1, d(i, j - 1) + 1, d(i - 1, j - 1) + (a[i - 1] != b[j - 1]))
+  return d(len(a), len(b))
+
+
+@pytest.mark.parametrize('a,b,expected', [
+    ('kitten', 'sitting', 3),
+    ('flaw', 'lawn', 2),
+    ('', 'abc', 3),
+    ('abc', '', 3),
+    ('', '', 0),
+    ([1, 2, 3], [1, 2, 3], 0),
+    ([1, 2, 3], [3, 2, 1], 2),
+    ([5], [6, 7], 2),
+    (np.array([1, 2, 3, 4]), [2, 3, 4, 5], 2),
+    (list(range(100)), list(range(1, 101)), 2),  # longer than one machine word
+])
+def test_edit_distance_hand_cases(a, b, expected):
+  assert ev.edit_distance(a, b) == expected
+  assert ev.edit_distance(b, a) == expected
+
+
+def test_edit_distance_matches_brute_force():
+  rng = np.random.default_rng(0)
+  for _ in range(1500):
+    a = tuple(rng.integers(0, 3, rng.integers(0, 8)).tolist())
+    b = tuple(rng.integers(0, 3, rng.integers(0, 8)).tolist())
+    assert ev.edit_distance(a, b) == _brute_force(a, b), (a, b)
+
+
+def test_edit_distance_is_fast():
+  rng = np.random.default_rng(1)
+  pairs = [(rng.integers(4, 64, 40).tolist(), rng.integers(4, 64, 40).tolist())
+           for _ in range(1000)]
+  start = time.perf_counter()
+  for a, b in pairs:
+    ev.edit_distance(a, b)
+  assert time.perf_counter() - start < 1.0
+
+
+def test_edit_distance_ratio():
+  assert ev.edit_distance_ratio([], []) == 0.0
+  assert ev.edit_distance_ratio([1, 2, 3], [1, 2, 4]) == pytest.approx(1 / 6)
+  assert ev.edit_distance_ratio([7, 7], []) == 1.0
+
+
+def _eight():
+  r1 = [1, 1, 1, 0, 0, 0, 0, 1]
+  r2 = [1, 0, 1, 1, 0, 1, 0, 1]
+  y1 = [[1, 2, 3], [1, 2, 3], [], [5], [1, 2], [1, 2, 3, 4], [7, 7], [9]]
+  y2 = [[1, 2, 3], [1, 2, 4], [], [6, 7], [2, 1], [1, 2, 3, 4], [], [9]]
+  # ratios:  0,        1/6,     0,  2/3,    1/2,    0,            1,  0
+  t1 = [0, 0, 0, 1, 0, 0, 0, 0]
+  t2 = [0, 1, 0, 0, 1, 1, 0, 0]
+  return ev.self_correction_metrics(r1, r2, y1, y2, t1, t2)
+
+
+def test_self_correction_metrics_on_hand_case():
+  m = _eight()
+  expected = dict(acc_t1=4 / 8, acc_t2=5 / 8, delta=1 / 8, delta_i2c=2 / 8,
+                  delta_c2i=1 / 8, edit_ratio_mean=7 / 24, edit_ratio_zero_share=4 / 8,
+                  truncated_t1=1 / 8, truncated_t2=3 / 8)
+  assert set(m) == set(expected) | {'n'}
+  assert m['n'] == 8
+  for k, v in expected.items():
+    assert m[k] == pytest.approx(v), k
+
+
+def test_self_correction_metrics_input_errors():
+  with pytest.raises(ValueError):
+    ev.self_correction_metrics([], [], [], [], [], [])
+  with pytest.raises(ValueError, match='disagree'):
+    ev.self_correction_metrics([1], [1, 0], [[1]], [[1]], [0], [0])
+
+
+def test_format_table():
+  m = _eight()
+  table = ev.format_table({'base': m, 'stage2': m})
+  lines = table.splitlines()
+  assert len(lines) == 4
+  assert len({len(line) for line in lines}) == 1  # fixed width
+  for header in ('Acc@t1', 'Acc@t2', 'Δ', 'Δi→c', 'Δc→i', 'edit', 'trunc1', 'trunc2', 'n'):
+    assert header in lines[0]
+  assert lines[2].split() == ['base', '50.0', '62.5', '+12.5', '25.0', '12.5', '0.292',
+                              '50.0', '12.5', '37.5', '8']
+  assert lines[3].startswith('stage2')
+
+
+def test_plot_table_writes_png(tmp_path):
+  m = _eight()
+  path = tmp_path / 'sub' / 'table.png'
+  ev.plot_table({'base': m, 'stage1': m, 'stage2': m}, path)
+  data = path.read_bytes()
+  assert data.startswith(b'\x89PNG') and len(data) > 2000
+  assert os.listdir(path.parent) == ['table.png']
+
+
+def test_write_jsonl(tmp_path):
+  path = tmp_path / 'rows.jsonl'
+  path.write_text('old\n')
+  rows = [{'id': '347+586', 'r1': np.float32(1.0), 'tokens': np.arange(3)},
+          {'id': 'x', 'text': 'Δ → ok'}]
+  ev.write_jsonl(path, rows)
+  back = [json.loads(line) for line in path.read_text(encoding='utf-8').splitlines()]
+  assert back == [{'id': '347+586', 'r1': 1.0, 'tokens': [0, 1, 2]},
+                  {'id': 'x', 'text': 'Δ → ok'}]
+  assert os.listdir(tmp_path) == ['rows.jsonl']
+  with pytest.raises(TypeError):
+    ev.write_jsonl(path, [{'bad': object()}])
+  assert len(path.read_text().splitlines()) == 2  # a failed write leaves the old file
+  assert os.listdir(tmp_path) == ['rows.jsonl']

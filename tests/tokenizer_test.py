@@ -1,0 +1,75 @@
+"""SentencePiece wrapper: training, round-trip, digits, determinism, errors."""
+import os
+
+import numpy as np
+import pytest
+
+from score_jax.tasks import arithmetic as ar
+from score_jax.tokenizer import Tokenizer
+
+
+def _corpus(n=2000, seed=0):
+  return list(ar.ArithmeticTask().corpus(np.random.default_rng(seed), n))
+
+
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory):
+  return Tokenizer.train(_corpus(), 96, tmp_path_factory.mktemp('tok') / 'a.model')
+
+
+def test_special_ids_and_size(tok):
+  assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+  assert tok.vocab_size == 96
+
+
+def test_round_trip_on_task_texts(tok):
+  texts = _corpus(400, seed=1) + ['Answer  12.  Check', ' Add 1+2. ', 'so so']
+  for text in texts:
+    ids = tok.encode(text)
+    assert tok.bos_id not in ids and tok.eos_id not in ids and tok.unk_id not in ids
+    assert tok.decode(ids) == text
+
+
+def test_digits_are_single_tokens(tok):
+  digit_ids = set()
+  for d in '0123456789':
+    ids = tok.encode(d)
+    assert len(ids) == 1
+    digit_ids.add(ids[0])
+  assert len(digit_ids) == 10
+  ids = tok.encode(ar.correct_response(947, 586))
+  pieces = [tok.id_to_piece(i) for i in ids]
+  assert all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p)), pieces
+  assert sum(i in digit_ids for i in ids) == sum(c.isdigit() for c in
+                                                  ar.correct_response(947, 586))
+
+
+def test_decode_stops_at_eos_and_skips_pad(tok):
+  ids = tok.encode('Answer 933.')
+  padded = [tok.pad_id] + ids[:2] + [tok.pad_id] + ids[2:] + [tok.eos_id] + ids
+  assert tok.decode(padded) == 'Answer 933.'
+  assert tok.decode(np.array(ids + [tok.eos_id, tok.pad_id])) == 'Answer 933.'
+  assert tok.decode([tok.eos_id] + ids) == ''
+
+
+def test_training_is_deterministic_and_atomic(tmp_path):
+  a = Tokenizer.train(_corpus(), 64, tmp_path / 'a.model')
+  b = Tokenizer.train(iter(_corpus()), 64, tmp_path / 'b.model')
+  assert (tmp_path / 'a.model').read_bytes() == (tmp_path / 'b.model').read_bytes()
+  assert a.encode('Add 347+586.') == b.encode('Add 347+586.')
+  assert sorted(os.listdir(tmp_path)) == ['a.model', 'b.model']  # no temp files left
+  loaded = Tokenizer.load(tmp_path / 'a.model')
+  assert loaded.vocab_size == 64
+  assert loaded.encode('Check 7+6=13') == a.encode('Check 7+6=13')
+
+
+def test_missing_file_names_the_path(tmp_path):
+  path = tmp_path / 'nope.model'
+  with pytest.raises(FileNotFoundError, match='nope.model'):
+    Tokenizer.load(path)
+
+
+def test_vocab_too_small_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='vocab_size=20'):
+    Tokenizer.train(_corpus(200), 20, tmp_path / 'small.model')
+  assert not os.listdir(tmp_path)
