@@ -96,7 +96,7 @@ def _baseline(returns_B, baseline, k):
     return jnp.full_like(returns_B, returns_B.mean())
   # RLOO: episodes come in groups of k consecutive samples of one prompt; each is
   # compared with the mean of the other k-1.
-  if k < 2 or returns_B.shape[0] % k:
+  if not k or k < 2 or returns_B.shape[0] % k:
     raise ValueError(f'rloo needs k >= 2 dividing the batch; got k={k}, '
                      f'batch={returns_B.shape[0]}.')
   group_PxK = returns_B.reshape(-1, k)

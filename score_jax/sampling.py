@@ -60,8 +60,10 @@ def append(model, params, state: DecodeState, tokens_BxL, valid_BxL) -> DecodeSt
   B, L = tokens_BxL.shape
   S = state.valid_BxS.shape[1]
   valid_BxS = jax.lax.dynamic_update_slice(state.valid_BxS, valid_BxL, (0, state.slot))
+  # Positions continue the row's count of valid tokens; same as positions_from_valid over
+  # the whole sequence, so cached and full-forward logits agree.
+  positions_BxL = state.next_pos_B[:, None] + model_lib.positions_from_valid(valid_BxL)
   cum_BxL = jnp.cumsum(valid_BxL.astype(jnp.int32), axis=1)
-  positions_BxL = jnp.maximum(state.next_pos_B[:, None] + cum_BxL - 1, 0)
   # Query at slot q sees valid slots <= q and itself (so pads never attend to nothing).
   query_slot_L = state.slot + jnp.arange(L)
   key_slot_S = jnp.arange(S)
@@ -111,7 +113,12 @@ def filter_logits(logits_BxV, top_k, top_p):
 
 
 def sample_token(logits_BxV, rng, sample_params: SampleParams):
-  """Greedy when temperature <= 0, else temperature + top-k + top-p sampling."""
+  """Greedy when temperature <= 0, else temperature + top-k + top-p sampling.
+
+  Never samples the pad id: pad marks invalid slots, so a sampled pad would silently
+  vanish from the episode.
+  """
+  logits_BxV = logits_BxV.at[:, PAD_ID].set(model_lib.MASK_VALUE)
   def sample(_):
     scaled_BxV = logits_BxV / jnp.maximum(sample_params.temperature, 1e-6)
     filtered_BxV = filter_logits(scaled_BxV, sample_params.top_k, sample_params.top_p)

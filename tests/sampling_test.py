@@ -1,0 +1,191 @@
+"""KV-cached sampler vs a no-cache recomputation, and the sampling filters."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import model as model_lib
+from score_jax import rollout
+from score_jax import sampling
+
+CONFIG = model_lib.ModelConfig(vocab_size=48, embed_dim=32, hidden_dim=64, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=8)
+MODEL = model_lib.Transformer(CONFIG)
+PROMPTS = [[2, 17, 5, 9, 30], [2, 40], [2, 11, 12, 13, 14, 15, 21], [2, 8, 8]]
+P, T = 8, 8
+
+
+@functools.lru_cache
+def params(seed=0):
+  """Random params with block weights scaled up: at the default init a tiny model with tied
+  embeddings mostly copies its last input token, which would make every test trivial."""
+  tokens = jnp.ones((1, 4), jnp.int32)
+  valid = jnp.ones((1, 4), bool)
+  init = jax.jit(MODEL.init)(jax.random.key(seed), tokens,
+                             model_lib.positions_from_valid(valid),
+                             model_lib.causal_attention_mask(valid))
+  return jax.tree.map_with_path(
+      lambda path, x: x if 'embedder' in jax.tree_util.keystr(path) else 3 * x, init)
+
+
+REF_WIDTH = 32  # fixed buffer for the reference: one compile for every prefix length
+
+
+@jax.jit
+def _log_probs(params, tokens_1xW):
+  """Plain causal forward, all slots valid, positions 0..W-1. Tokens after the prefix are
+  filler and, being later, cannot change the prefix's logits (causality is model-tested)."""
+  W = tokens_1xW.shape[1]
+  logits, _ = MODEL.apply(params, tokens_1xW, jnp.arange(W)[None],
+                          model_lib.causal_attention_mask(jnp.ones((1, W), bool)))
+  return jax.nn.log_softmax(logits[0], axis=-1)
+
+
+def reference_greedy(params, context, max_new_tokens, eos_id):
+  """Greedy decoding without a cache: a full forward over the growing prefix each step."""
+  seq, tokens, logprobs = list(context), [], []
+  for _ in range(max_new_tokens):
+    buf = np.zeros((1, REF_WIDTH), np.int32)
+    buf[0, :len(seq)] = seq
+    logp_V = np.asarray(_log_probs(params, jnp.asarray(buf))[len(seq) - 1])
+    token = int(np.argmax(logp_V))
+    seq.append(token)
+    tokens.append(token)
+    logprobs.append(float(logp_V[token]))
+    if token == eos_id:
+      break
+  return tokens, logprobs
+
+
+def pick_eos(sequences, max_new_tokens):
+  """A token that ends rows at different steps and leaves at least one row truncated."""
+  for eos in range(4, CONFIG.vocab_size):
+    first = [s.index(eos) if eos in s else max_new_tokens for s in sequences]
+    if len(set(first)) >= 3 and max(first) == max_new_tokens:
+      return eos
+  raise AssertionError('no token gives ragged stops; change the seed')
+
+
+def as_padded(rows, width, fill):
+  out = np.full((len(rows), width), fill, np.asarray(rows[0] if rows[0] else [0.]).dtype)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out
+
+
+@functools.lru_cache
+def greedy_case():
+  """(sampler sample, reference tokens, reference logprobs, eos) on the ragged batch."""
+  no_eos = [reference_greedy(params(), p, T, eos_id=-1)[0] for p in PROMPTS]
+  eos = pick_eos(no_eos, T)
+  refs = [reference_greedy(params(), p, T, eos) for p in PROMPTS]
+  sampler = sampling.Sampler(MODEL, cache_size=P + T, max_new_tokens=T, eos_id=eos)
+  tokens_BxP, valid_BxP = rollout.left_pad(PROMPTS, P)
+  sample = sampler(params(), tokens_BxP, valid_BxP, jax.random.key(0))
+  return sample, [r[0] for r in refs], [r[1] for r in refs], eos
+
+
+def test_greedy_matches_no_cache_reference():
+  sample, ref_tokens, ref_logprobs, eos = greedy_case()
+  np.testing.assert_array_equal(sample.tokens_BxT, as_padded(ref_tokens, T, 0))
+  np.testing.assert_allclose(sample.logprobs_BxT, as_padded(ref_logprobs, T, 0.0), atol=1e-5)
+  lengths = [len(r) for r in ref_tokens]
+  np.testing.assert_array_equal(sample.lengths_B, lengths)
+  np.testing.assert_array_equal(sample.valid_BxT, np.arange(T) < np.array(lengths)[:, None])
+  np.testing.assert_array_equal(sample.truncated_B, [eos not in r for r in ref_tokens])
+  assert len(set(lengths)) >= 3 and any(sample.truncated_B)
+
+
+def test_eos_makes_later_tokens_pad_and_invalid():
+  sample, _, _, eos = greedy_case()
+  tokens, valid = np.asarray(sample.tokens_BxT), np.asarray(sample.valid_BxT)
+  for row in range(len(PROMPTS)):
+    hits = np.flatnonzero(tokens[row] == eos)
+    if hits.size:
+      end = hits[0] + 1
+      assert valid[row, :end].all() and not valid[row, end:].any()
+      assert (tokens[row, end:] == 0).all()
+      assert (np.asarray(sample.logprobs_BxT)[row, end:] == 0).all()
+
+
+def _run(sampler, temperature=0.0, top_k=0, top_p=1.0, seed=1, prompts=PROMPTS):
+  tokens_BxP, valid_BxP = rollout.left_pad(prompts, P)
+  return sampler(params(), tokens_BxP, valid_BxP, jax.random.key(seed),
+                 temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@functools.lru_cache
+def sampler_no_eos():
+  return sampling.Sampler(MODEL, cache_size=P + T, max_new_tokens=T, eos_id=-1)
+
+
+def test_settings_are_traced_and_reproducible():
+  sampler = sampler_no_eos()
+  greedy = _run(sampler).tokens_BxT
+  a = _run(sampler, temperature=1.0, seed=5).tokens_BxT
+  np.testing.assert_array_equal(a, _run(sampler, temperature=1.0, seed=5).tokens_BxT)
+  assert not np.array_equal(a, _run(sampler, temperature=1.0, seed=6).tokens_BxT)
+  # top_k=1 and a tiny nucleus both leave only the argmax.
+  np.testing.assert_array_equal(_run(sampler, temperature=1.5, top_k=1).tokens_BxT, greedy)
+  np.testing.assert_array_equal(_run(sampler, temperature=1.5, top_p=1e-6).tokens_BxT, greedy)
+  _run(sampler, temperature=0.7, top_k=5, top_p=0.9)
+  assert sampler._decode._cache_size() == 1
+  assert sampler._start._cache_size() == 1
+
+
+def full_forward_log_probs(params, tokens_BxS, valid_BxS):
+  """log_softmax of the logits at each slot, from one plain forward over the padded batch."""
+  return np.asarray(_full_forward_log_probs(params, tokens_BxS, valid_BxS))
+
+
+@jax.jit
+def _full_forward_log_probs(params, tokens_BxS, valid_BxS):
+  logits, _ = MODEL.apply(params, tokens_BxS, model_lib.positions_from_valid(valid_BxS),
+                          model_lib.causal_attention_mask(valid_BxS))
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def test_top_k_samples_stay_in_model_top_k():
+  k = 3
+  prompts = [[2, 5 + i, 7 * i % 40 + 4] for i in range(16)]
+  sampler = sampler_no_eos()
+  for seed in range(3):
+    sample = _run(sampler, temperature=3.0, top_k=k, seed=seed, prompts=prompts)
+    tokens_BxP, valid_BxP = rollout.left_pad(prompts, P)
+    seq = np.concatenate([tokens_BxP, sample.tokens_BxT], 1)
+    valid = np.concatenate([valid_BxP, sample.valid_BxT], 1)
+    logp_BxSxV = full_forward_log_probs(params(), seq, valid)[:, P - 1:-1]  # predicts each sample
+    rank_BxT = (logp_BxSxV > np.take_along_axis(
+        logp_BxSxV, np.asarray(sample.tokens_BxT)[..., None], -1)).sum(-1)
+    assert (rank_BxT < k).all()
+    # The untempered log-prob of the taken token is reported.
+    np.testing.assert_allclose(
+        sample.logprobs_BxT,
+        np.take_along_axis(logp_BxSxV, np.asarray(sample.tokens_BxT)[..., None], -1)[..., 0],
+        atol=1e-5)
+  assert (rank_BxT > 0).any()  # temperature 3 does leave the argmax sometimes
+
+
+@pytest.mark.parametrize('top_k,top_p', [(4, 1.0), (0, 0.6), (6, 0.5)])
+def test_filter_keeps_exactly_top_k_and_nucleus(top_k, top_p):
+  logits_BxV = jax.random.normal(jax.random.key(0), (64, 20)) * 2
+  kept = np.isfinite(np.asarray(sampling.filter_logits(logits_BxV, top_k, top_p)))
+  logits = np.asarray(logits_BxV, np.float64)
+  for row, keep in zip(logits, kept):
+    order = np.argsort(-row)
+    k = top_k or len(row)
+    probs = np.exp(row[order[:k]] - row[order[0]])
+    probs /= probs.sum()
+    n = max(1, int(np.sum(np.cumsum(probs) - probs < top_p)))
+    want = np.zeros_like(keep)
+    want[order[:n]] = True
+    np.testing.assert_array_equal(keep, want)
+
+
+def test_cache_overflow_stops_decoding_and_truncates():
+  sampler = sampling.Sampler(MODEL, cache_size=P + 3, max_new_tokens=T, eos_id=-1)
+  sample = _run(sampler)
+  np.testing.assert_array_equal(sample.lengths_B, [3] * len(PROMPTS))
+  assert np.asarray(sample.truncated_B).all()
