@@ -121,7 +121,11 @@ def sample_token(logits_BxV, rng, sample_params: SampleParams):
   logits_BxV = logits_BxV.at[:, PAD_ID].set(model_lib.MASK_VALUE)
   def sample(_):
     scaled_BxV = logits_BxV / jnp.maximum(sample_params.temperature, 1e-6)
-    filtered_BxV = filter_logits(scaled_BxV, sample_params.top_k, sample_params.top_p)
+    # The vocabulary sort costs ~6x a plain draw: skip it when no filter is asked for.
+    filtered_BxV = jax.lax.cond(
+        (sample_params.top_k > 0) | (sample_params.top_p < 1.0),
+        lambda x: filter_logits(x, sample_params.top_k, sample_params.top_p), lambda x: x,
+        scaled_BxV)
     return jax.random.categorical(rng, filtered_BxV, axis=-1).astype(jnp.int32)
 
   def greedy(_):

@@ -61,23 +61,23 @@ def param_shardings(mesh: Mesh, abstract_params, rules) -> Any:
                       paths, abstract_params)
 
 
-def follow_params(mesh: Mesh, abstract_tree, params_shardings) -> Any:
+def follow_params(mesh: Mesh, abstract_tree, abstract_params, params_shardings) -> Any:
   """Shardings for a tree whose leaves mirror the params (optimizer moments) or not.
 
   An optimizer-state leaf whose path ends with a parameter's path and has its shape gets
   that parameter's sharding; anything else (Adam's step counter, schedules) is
   replicated. Left implicit, optax's counter lands on device 0 alone.
   """
-  by_path = {}
-  for p, s in zip(jax.tree.leaves(tree_paths(params_shardings)), jax.tree.leaves(params_shardings)):
-    by_path[p] = s
+  paths = jax.tree.leaves(tree_paths(abstract_params))
+  by_path = dict(zip(paths, jax.tree.leaves(params_shardings)))
+  shapes = dict(zip(paths, (np.shape(x) for x in jax.tree.leaves(abstract_params))))
   replicated = NamedSharding(mesh, P())
 
   def pick(path, leaf):
     parts = path.split("/")
     for i in range(len(parts)):  # Longest suffix first: the full parameter path.
       sharding = by_path.get("/".join(parts[i:]))
-      if sharding is not None and len(sharding.spec) <= np.ndim(leaf):
+      if sharding is not None and shapes["/".join(parts[i:])] == np.shape(leaf):
         return sharding
     return replicated
   return jax.tree.map(pick, tree_paths(abstract_tree), abstract_tree)

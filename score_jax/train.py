@@ -113,11 +113,14 @@ class Trainer:
 
   def _state_shardings(self, tx):
     abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
-    opt_sh = sharding.follow_params(self.mesh, abstract_opt, self.param_sh)
+    opt_sh = sharding.follow_params(self.mesh, abstract_opt, self.abstract_params, self.param_sh)
     return TrainState(step=self.repl_sh, params=self.param_sh, opt_state=opt_sh), abstract_opt
 
   def _run_phase(self, name: str, steps: int, tx, init_params, step_fn, batch_fn, extra_args=()):
-    """Generic loop: resume, step, log, checkpoint. Returns the phase's final params."""
+    """Generic loop: resume, step, log, checkpoint. Returns the phase's final params.
+
+    `init_params` (params, or a function making them) is used only when nothing is saved.
+    """
     cfg = self.config
     state_sh, abstract_opt = self._state_shardings(tx)
     ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, name), cfg.checkpoint.every,
@@ -131,7 +134,8 @@ class Trainer:
     else:
       # A copy: the state is donated to the step, while `init_params` may also be the
       # frozen reference.
-      params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sh)(init_params)
+      params = init_params() if callable(init_params) else init_params
+      params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sh)(params)
       opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
     if start >= steps:
       ckpt.close()
@@ -167,7 +171,8 @@ class Trainer:
       rng = np.random.default_rng([cfg.seed, 0, step])
       return data.sft_batch(self.tok, self.fmt, self.task, rng, b.batch_size, r.max_prompt_len,
                             r.max_len_1, r.max_len_2), {}
-    return self._run_phase("base", b.steps, tx, self.init_params(cfg.seed), step_fn, batch_fn)
+    return self._run_phase("base", b.steps, tx, lambda: self.init_params(cfg.seed), step_fn,
+                           batch_fn)
 
   def train_stage(self, stage: int, init_params, ref_params):
     """SCoRe Stage I (stage=1) or Stage II (stage=2) from `init_params`, KL to `ref_params`."""
