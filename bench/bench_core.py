@@ -177,7 +177,7 @@ def bench_train(model, params_np, a, peak, rng):
           train.rl_step, model, tx, a.chunk, loss_cfg), donate_argnums=0), (ref,),
           fwd_bwd + fwd),
       'sft_step': (jax.jit(functools.partial(train.sft_step, model, tx, a.chunk),
-                           donate_argnums=0), (), fwd_bwd),
+                           donate_argnums=0), (None,), fwd_bwd),
   }
   for name, (step, extra, flops) in steps.items():
     params = jax.tree.map(jnp.array, params_np)  # copies: the state is donated

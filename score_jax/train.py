@@ -51,8 +51,9 @@ def _masked_mean(x, mask):
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def sft_step(model, tx, chunk, state: TrainState, batch):
+def sft_step(model, tx, chunk, state: TrainState, ref_params, batch):
   """One supervised step on turn>0 tokens (how the embedded base model is made)."""
+  del ref_params  # Same signature as rl_step; the base has no reference.
   def loss_fn(params):
     logp, _ = objective.token_logprobs(model, params, batch["tokens"], batch["valid"], chunk)
     return objective.sft_loss(logp, batch["turn"])
@@ -116,10 +117,12 @@ class Trainer:
     opt_sh = sharding.follow_params(self.mesh, abstract_opt, self.abstract_params, self.param_sh)
     return TrainState(step=self.repl_sh, params=self.param_sh, opt_state=opt_sh), abstract_opt
 
-  def _run_phase(self, name: str, steps: int, tx, init_params, step_fn, batch_fn, extra_args=()):
+  def _run_phase(self, name: str, steps: int, tx, init_params, step_fn, batch_fn,
+                 ref_params=None):
     """Generic loop: resume, step, log, checkpoint. Returns the phase's final params.
 
-    `init_params` (params, or a function making them) is used only when nothing is saved.
+    `init_params` (params, or a function making them) is used only when nothing is saved;
+    `step_fn(state, ref_params, batch)` is jitted once with explicit shardings.
     """
     cfg = self.config
     state_sh, abstract_opt = self._state_shardings(tx)
@@ -141,18 +144,18 @@ class Trainer:
       ckpt.close()
       return params
     state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), self.repl_sh), params, opt_state)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh,) + tuple(a[1] for a in extra_args) + (None,),
+    ref_sh = None if ref_params is None else self.param_sh
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, self.batch_sh),
                      out_shardings=(state_sh, self.repl_sh), donate_argnums=0)
     writer = metrics_lib.MetricWriter(self.workdir, name, steps, cfg.log_every)
     try:
       for step in range(start, steps):
         t0 = time.time()
         batch, host_metrics = batch_fn(state.params, step)
-        batch = jax.device_put(batch, self.batch_sh)
-        state, m = jitted(state, *(a[0] for a in extra_args), batch)
+        n_tokens = int(np.sum(batch["valid"]))
+        state, m = jitted(state, ref_params, jax.device_put(batch, self.batch_sh))
         m = jax.device_get(m)
         dt = time.time() - t0
-        n_tokens = int(np.sum(np.asarray(jax.device_get(batch["valid"]))))
         writer.write(step + 1, dict(m, **host_metrics, step_time=dt, tokens_per_s=n_tokens / dt))
         ckpt.save(step + 1, state.params, state.opt_state, dict(phase=name), force=step + 1 == steps)
     finally:
@@ -205,8 +208,8 @@ class Trainer:
                   sample_time=t_sample, sample_tokens_per_s=new_tokens / t_sample)
       batch = dict(tokens=tokens, valid=valid, turn=turn, r1=scored["r1"], r2=scored["r2"])
       return batch, host
-    extra = ((ref_params, self.param_sh),)
-    return self._run_phase(f"stage{stage}", st.steps, tx, init_params, step_fn, batch_fn, extra)
+    return self._run_phase(f"stage{stage}", st.steps, tx, init_params, step_fn, batch_fn,
+                           ref_params)
 
   # -- sampling and evaluation -------------------------------------------------------------
 

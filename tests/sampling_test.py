@@ -50,7 +50,7 @@ def reference_greedy(params, context, max_new_tokens, eos_id):
     buf = np.zeros((1, REF_WIDTH), np.int32)
     buf[0, :len(seq)] = seq
     logp_V = np.asarray(_log_probs(params, jnp.asarray(buf))[len(seq) - 1])
-    token = int(np.argmax(logp_V))
+    token = int(np.argmax(logp_V[1:])) + 1  # The sampler never emits pad (id 0).
     seq.append(token)
     tokens.append(token)
     logprobs.append(float(logp_V[token]))
@@ -157,8 +157,8 @@ def test_top_k_samples_stay_in_model_top_k():
     seq = np.concatenate([tokens_BxP, sample.tokens_BxT], 1)
     valid = np.concatenate([valid_BxP, sample.valid_BxT], 1)
     logp_BxSxV = full_forward_log_probs(params(), seq, valid)[:, P - 1:-1]  # predicts each sample
-    rank_BxT = (logp_BxSxV > np.take_along_axis(
-        logp_BxSxV, np.asarray(sample.tokens_BxT)[..., None], -1)).sum(-1)
+    taken = np.take_along_axis(logp_BxSxV, np.asarray(sample.tokens_BxT)[..., None], -1)
+    rank_BxT = (logp_BxSxV[..., 1:] > taken).sum(-1)  # Among non-pad ids: pad is never sampled.
     assert (rank_BxT < k).all()
     # The untempered log-prob of the taken token is reported.
     np.testing.assert_allclose(

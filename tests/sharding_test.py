@@ -63,14 +63,14 @@ def _run_sft(mesh, model, abstract, params, batch, tx, steps=2):
   repl = sharding.replicated(mesh)
   state_sh = train.TrainState(step=repl, params=param_sh, opt_state=opt_sh)
   step = jax.jit(functools.partial(train.sft_step, model, tx, 8),
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                 in_shardings=(state_sh, None, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, repl), donate_argnums=0)
   p = jax.device_put(params, param_sh)
   state = train.TrainState(jax.device_put(jnp.int32(0), repl), p,
                            jax.jit(tx.init, out_shardings=opt_sh)(p))
   losses = []
   for _ in range(steps):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, None, batch)
     losses.append(float(metrics['loss']))
   return losses, state, state_sh
 
