@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.task = ml_collections.ConfigDict(dict(
-      name="arithmetic", num_digits=3, slip_prob=0.7, slip_min_carries=2, eval_fraction=0.1))
+      name="arithmetic", num_digits=2, slip_prob=0.7, slip_min_carries=2, eval_fraction=0.125))
 
   vocab = ml_collections.FieldReference(128)
   c.tokenizer = ml_collections.ConfigDict(dict(
@@ -36,19 +36,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The base model. 'sft': make it here from the task's base transcripts (embedded demo).
   c.base = ml_collections.ConfigDict(dict(
-      source="sft", checkpoint="", steps=1500, batch_size=64, learning_rate=3e-3,
+      source="sft", checkpoint="", steps=800, batch_size=32, learning_rate=3e-3,
       warmup_steps=100, weight_decay=0.0))
 
   # Two-turn sampling during training (evaluation is greedy).
   c.rollout = ml_collections.ConfigDict(dict(
-      max_prompt_len=16, max_len_1=48, max_len_2=48, temperature=1.0, top_k=0, top_p=1.0))
+      max_prompt_len=16, max_len_1=32, max_len_2=32, temperature=1.0, top_k=0, top_p=1.0))
 
   # SCoRe: shared RL settings, then the two stages (SCORE.md "Objectives").
   c.rl = ml_collections.ConfigDict(dict(
-      num_prompts=16, samples_per_prompt=4, learning_rate=1e-4, grad_clip=1.0,
+      num_prompts=16, samples_per_prompt=4, grad_clip=1.0,
       kl_estimator="k1", baseline="rloo", normalize_advantages=False, logprob_chunk=64))
-  c.stage1 = ml_collections.ConfigDict(dict(steps=100, beta1=0.01, beta2=0.1))
-  c.stage2 = ml_collections.ConfigDict(dict(steps=100, beta1=0.01, alpha=10.0))
+  c.stage1 = ml_collections.ConfigDict(dict(steps=150, learning_rate=5e-5, beta1=0.01, beta2=0.1))
+  c.stage2 = ml_collections.ConfigDict(dict(steps=100, learning_rate=2e-5, beta1=0.01, alpha=10.0))
 
   c.eval = ml_collections.ConfigDict(dict(
       num_problems=1000, batch_size=250, num_transcripts=50, checkpoint=""))

@@ -55,7 +55,8 @@ def check_config(config, num_devices: int):
     _check(isinstance(v, int) and v >= 0, f, v, "must be a non-negative integer")
   for f, v in (("stage1.beta1", config.stage1.beta1), ("stage1.beta2", config.stage1.beta2),
                ("stage2.beta1", config.stage2.beta1), ("stage2.alpha", config.stage2.alpha),
-               ("rl.learning_rate", config.rl.learning_rate),
+               ("stage1.learning_rate", config.stage1.learning_rate),
+               ("stage2.learning_rate", config.stage2.learning_rate),
                ("base.learning_rate", config.base.learning_rate)):
     _check(v >= 0, f, v, "must be >= 0")
   r = config.rollout

@@ -3,7 +3,7 @@
 Each phase is a loop over one jitted, donated, explicitly sharded step and owns a
 checkpoint directory under the workdir; a restarted run resumes every phase from its
 latest checkpoint and skips finished ones. The compiled steps are pure functions of
-(state, batch); the SCoRe loss itself lives in objective.py.
+(state, ref_params, batch); the SCoRe loss itself lives in objective.py.
 """
 import functools
 import os
@@ -185,7 +185,7 @@ class Trainer:
         stage=stage, alpha=st.get("alpha", 0.0), beta1=st.beta1, beta2=st.get("beta2", st.beta1),
         kl_estimator=rl.kl_estimator, baseline=rl.baseline, rloo_k=rl.samples_per_prompt,
         normalize_advantages=rl.normalize_advantages))
-    tx = make_optimizer(rl.learning_rate, rl.grad_clip)
+    tx = make_optimizer(st.learning_rate, rl.grad_clip)
     step_fn = functools.partial(rl_step, self.model, tx, rl.logprob_chunk, loss_cfg)
     r = cfg.rollout
     sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
