@@ -1,7 +1,7 @@
 """From task text to token batches and back: prompts, instruction, SFT transcripts, rewards.
 
 Host-side NumPy only; the compiled code sees fixed-shape arrays in the slot layout of
-`rollout.episode_sequence` (see INTERFACES.md / README "Design").
+`rollout.episode_sequence` (README "Design").
 """
 import dataclasses
 from typing import Sequence

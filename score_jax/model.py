@@ -1,4 +1,4 @@
-"""Gemma-style decoder (flax.linen) over the slot layout described in INTERFACES.md.
+"""Gemma-style decoder (flax.linen) over the slot layout (README "Design").
 
 Param names and shapes follow Gemma's reference `gemma/modules.py` so its checkpoints map
 onto this tree. The model never sees slot indices: callers pass rotary positions and an

@@ -2,7 +2,7 @@
 
 Sampling writes turn 2 into the same KV cache (instruction right after the longest y1);
 `episode_sequence` lays the same tokens out in a fixed buffer for the loss. Both give the
-same logits because the model only sees valid tokens and their positions (INTERFACES.md).
+same logits because the model only sees valid tokens and their positions (README "Design").
 """
 import flax.struct
 import jax

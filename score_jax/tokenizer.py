@@ -1,6 +1,6 @@
 """SentencePiece tokenizer: trained in-process for the embedded task, or Gemma's model file.
 
-Ids for models trained here: pad=0, unk=1, bos=2, eos=3 (INTERFACES.md). Special ids are
+Ids for models trained here: pad=0, unk=1, bos=2, eos=3. Special ids are
 read from the model file, never assumed, so Gemma's tokenizer.model loads the same way.
 """
 from __future__ import annotations
