@@ -1,8 +1,16 @@
-"""Gemma-style decoder (flax.linen) over the slot layout (README "Design").
+"""Gemma 1/2/3 text decoder (flax.linen) over the slot layout (README "Design").
 
-Param names and shapes follow Gemma's reference `gemma/modules.py` so its checkpoints map
-onto this tree. The model never sees slot indices: callers pass rotary positions and an
-attention mask, which is what makes logits independent of the padding layout.
+One definition; `ModelConfig` switches turn Gemma 1 into Gemma 2 (local/global layers,
+soft-capping, post-norms, query scalar) and Gemma 3 (QK-norm, 5 local : 1 global, separate
+rotary bases, linear rotary scaling on global layers). `presets.py` names the published
+sizes. Param names and shapes follow Gemma's reference `gemma/modules.py` so its
+checkpoints (and Hugging Face's, via `import_hf`) map onto this tree.
+
+The model never sees slot indices: callers pass rotary positions and an attention mask,
+which is what makes logits independent of the padding layout. The sliding window is
+measured in rotary positions too (a key is visible iff the mask allows it and
+query_pos - key_pos < window), so left-padded prompts and the cached decode see the same
+keys; the cache stores each slot's position for that.
 """
 import dataclasses
 import math
@@ -14,9 +22,12 @@ import jax.numpy as jnp
 # Finite, so a fully masked row softmaxes to uniform instead of NaN (Gemma's K_MASK).
 MASK_VALUE = -2.3819763e38
 
+LOCAL, GLOBAL = 'local', 'global'  # attention types (Gemma's LOCAL_SLIDING / GLOBAL)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """Defaults are Gemma 1; the fields after `remat` are the Gemma 2/3 switches."""
   vocab_size: int
   embed_dim: int
   hidden_dim: int
@@ -24,16 +35,45 @@ class ModelConfig:
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  rope_base: int = 10_000
+  rope_base: int = 10_000  # global layers (every layer unless the pattern has LOCAL ones)
   dtype: str = 'float32'  # activations
   param_dtype: str = 'float32'
   remat: bool = False
+  # Layer i is GLOBAL iff (i + 1) % local_global_pattern == 0, else LOCAL (sliding window):
+  # 2 for Gemma 2 (local, global, ...), 6 for Gemma 3 (5 local : 1 global); 0: all GLOBAL.
+  local_global_pattern: int = 0
+  sliding_window_size: int | None = None  # LOCAL: query_pos - key_pos < sliding_window_size
+  local_rope_base: int = 10_000
+  rope_scale_factor: float = 1.0  # GLOBAL layers: linear scaling, positions / factor
+  query_pre_attn_scalar: float | None = None  # queries * scalar ** -0.5; None: head_dim
+  attn_logits_soft_cap: float | None = None  # cap * tanh(logits / cap) before the mask
+  final_logit_soft_cap: float | None = None
+  use_post_attn_norm: bool = False
+  use_post_ffw_norm: bool = False
+  use_qk_norm: bool = False  # RMSNorm over head_dim of queries and keys, before rotary
+
+  def __post_init__(self):
+    if self.local_global_pattern < 0:
+      raise ValueError(f'local_global_pattern={self.local_global_pattern}: must be >= 0')
+    if LOCAL in self.layer_types() and not (self.sliding_window_size or 0) > 0:
+      raise ValueError(f'sliding_window_size={self.sliding_window_size!r}: local layers '
+                       f'(local_global_pattern={self.local_global_pattern}) need a positive '
+                       'window')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}')
 
   @classmethod
   def from_config(cls, cfg) -> 'ModelConfig':
     """Reads the fields above from a ConfigDict (or dict); other keys are ignored."""
     names = [f.name for f in dataclasses.fields(cls)]
     return cls(**{n: cfg[n] for n in names if n in cfg})
+
+  def layer_types(self) -> tuple[str, ...]:
+    """LOCAL/GLOBAL per layer, as HF's `layer_types` and Gemma's `attention_types`."""
+    n = self.local_global_pattern
+    return tuple(GLOBAL if n <= 1 or (i + 1) % n == 0 else LOCAL
+                 for i in range(self.num_layers))
 
 
 def positions_from_valid(valid_BxL: jax.Array) -> jax.Array:
@@ -50,19 +90,37 @@ def causal_attention_mask(valid_BxL: jax.Array) -> jax.Array:
 
 
 def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None) -> dict:
-  """Zeroed KV cache, heads-major [B,K,S,H] (measured 2x faster than [B,S,K,H] here)."""
+  """Zeroed KV cache, heads-major [B,K,S,H] (measured 2x faster than [B,S,K,H] here), and
+  the rotary position of each slot, which the sliding window compares against."""
   dtype = dtype or config.dtype
   shape = (batch_size, config.num_kv_heads, cache_size, config.head_dim)
-  return {f'layer_{i}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
-          for i in range(config.num_layers)}
+  cache = {f'layer_{i}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+           for i in range(config.num_layers)}
+  cache['positions'] = jnp.zeros((batch_size, cache_size), jnp.int32)
+  return cache
 
 
-def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, base: int) -> jax.Array:
-  """Split-half rotary embedding as in Gemma (not interleaved pairs)."""
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap) (Gemma 2), identity when cap is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def window_mask(attn_mask_BxLxS, positions_BxL, key_positions_BxS, window: int):
+  """attn_mask & (query_pos - key_pos < window), in rotary positions, not slots: with
+  left padding or turn-2 gaps, slot distance overstates how far back a key is."""
+  distance_BxLxS = positions_BxL[:, :, None] - key_positions_BxS[:, None, :]
+  return attn_mask_BxLxS & (distance_BxLxS < window)
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, base: int,
+               scale_factor: float = 1.0) -> jax.Array:
+  """Split-half rotary embedding as in Gemma (not interleaved pairs); linear scaling
+  divides the positions by `scale_factor` (Gemma 3 global layers)."""
   head_dim = x_BxLxNxH.shape[-1]
   fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
   timescale = base ** fraction
-  angle_BxLx1xH2 = (positions_BxL[..., None].astype(jnp.float32) / timescale)[:, :, None, :]
+  angle_BxLx1xH2 = (positions_BxL[..., None].astype(jnp.float32) / timescale
+                    / scale_factor)[:, :, None, :]
   sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
   first, second = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -118,6 +176,7 @@ class Embedder(nn.Module):
 
 class Attention(nn.Module):
   config: ModelConfig
+  attn_type: str = GLOBAL
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, attn_mask_BxLxS, cache, cache_slot):
@@ -131,9 +190,16 @@ class Attention(nn.Module):
       q_BxLxNxH = Einsum((N, D, H), (1,), name='q_einsum', **kw)('BLD,NDH->BLNH', x_BxLxD)
       k_BxLxKxH, v_BxLxKxH = Einsum((2, K, D, H), (2,), name='kv_einsum', **kw)(
           'BLD,CKDH->CBLKH', x_BxLxD)
-    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, c.rope_base) * jnp.asarray(
-        H ** -0.5, c.dtype)
-    k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, c.rope_base)
+    if c.use_qk_norm:  # Gemma 3: before rotary, as in its reference.
+      q_BxLxNxH = RMSNorm(c.param_dtype, name='_query_norm')(q_BxLxNxH)
+      k_BxLxKxH = RMSNorm(c.param_dtype, name='_key_norm')(k_BxLxKxH)
+    local = self.attn_type == LOCAL
+    rope_base = c.local_rope_base if local else c.rope_base
+    rope_scale = 1.0 if local else c.rope_scale_factor
+    query_scale = (c.query_pre_attn_scalar or H) ** -0.5
+    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, rope_base, rope_scale) * jnp.asarray(
+        query_scale, c.dtype)
+    k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, rope_base, rope_scale)
     k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
     v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
 
@@ -152,6 +218,7 @@ class Attention(nn.Module):
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
     logits_BxKxGxLxS = jnp.einsum('BLKGH,BKSH->BKGLS', q_BxLxKxGxH, k_BxKxSxH,
                                   preferred_element_type=jnp.float32)
+    logits_BxKxGxLxS = soft_cap(logits_BxKxGxLxS, c.attn_logits_soft_cap)
     logits_BxKxGxLxS = jnp.where(attn_mask_BxLxS[:, None, None], logits_BxKxGxLxS, MASK_VALUE)
     probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(c.dtype)
     out_BxLxKxGxH = jnp.einsum('BKGLS,BKSH->BLKGH', probs, v_BxKxSxH)
@@ -180,17 +247,23 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. Gemma 2/3 post-norms would wrap `attn_out` / `ffw_out` here."""
+  """Pre-norm residual block; Gemma 2/3 also normalise each branch's output (post-norms)."""
   config: ModelConfig
+  attn_type: str = GLOBAL
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, attn_mask_BxLxS, cache, cache_slot):
-    pd = self.config.param_dtype
-    attn_out, new_cache = Attention(self.config, name='attn')(
+    c = self.config
+    pd = c.param_dtype
+    attn_out, new_cache = Attention(c, self.attn_type, name='attn')(
         RMSNorm(pd, name='pre_attention_norm')(x_BxLxD), positions_BxL, attn_mask_BxLxS,
         cache, cache_slot)
+    if c.use_post_attn_norm:
+      attn_out = RMSNorm(pd, name='post_attention_norm')(attn_out)
     x_BxLxD = x_BxLxD + attn_out
-    ffw_out = FeedForward(self.config, name='mlp')(RMSNorm(pd, name='pre_ffw_norm')(x_BxLxD))
+    ffw_out = FeedForward(c, name='mlp')(RMSNorm(pd, name='pre_ffw_norm')(x_BxLxD))
+    if c.use_post_ffw_norm:
+      ffw_out = RMSNorm(pd, name='post_ffw_norm')(ffw_out)
     return x_BxLxD + ffw_out, new_cache
 
 
@@ -201,7 +274,8 @@ class Transformer(nn.Module):
     c = self.config
     block_cls = nn.remat(Block) if c.remat else Block
     self.embedder = Embedder(c)
-    self.layers = [block_cls(c, name=f'layer_{i}') for i in range(c.num_layers)]
+    self.layers = [block_cls(c, attn_type, name=f'layer_{i}')
+                   for i, attn_type in enumerate(c.layer_types())]
     self.final_norm = RMSNorm(c.param_dtype)
 
   def __call__(self, tokens_BxL, positions_BxL, attn_mask_BxLxS, cache=None, cache_slot=None,
@@ -209,14 +283,25 @@ class Transformer(nn.Module):
     """-> (logits_BxLxV float32 | hidden_BxLxD, new_cache or None).
 
     With a cache, the L new k/v go to slots [cache_slot, cache_slot + L) and queries attend
-    over all S cache slots under `attn_mask_BxLxS`; without, S == L.
+    over all S cache slots under `attn_mask_BxLxS`; without, S == L. Local layers further
+    restrict the mask to the sliding window.
     """
+    c = self.config
+    if cache is None:
+      key_positions_BxS, new_cache = positions_BxL, None
+    else:
+      key_positions_BxS = jax.lax.dynamic_update_slice(
+          cache['positions'], positions_BxL.astype(jnp.int32), (0, cache_slot))
+      new_cache = {'positions': key_positions_BxS}
+    masks = {GLOBAL: attn_mask_BxLxS}
+    if LOCAL in c.layer_types():
+      masks[LOCAL] = window_mask(attn_mask_BxLxS, positions_BxL, key_positions_BxS,
+                                 c.sliding_window_size)
     x_BxLxD = self.embedder.encode(tokens_BxL)
-    new_cache = None if cache is None else {}
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache[f'layer_{i}']
-      x_BxLxD, layer_cache = layer(x_BxLxD, positions_BxL, attn_mask_BxLxS, layer_cache,
-                                   cache_slot)
+      x_BxLxD, layer_cache = layer(x_BxLxD, positions_BxL, masks[layer.attn_type],
+                                   layer_cache, cache_slot)
       if cache is not None:
         new_cache[f'layer_{i}'] = layer_cache
     hidden_BxLxD = self.final_norm(x_BxLxD)
@@ -225,5 +310,5 @@ class Transformer(nn.Module):
     return self.logits(hidden_BxLxD), new_cache
 
   def logits(self, hidden_BxLxD):
-    """Tied unembedding; float32 logits."""
-    return self.embedder.decode(hidden_BxLxD)
+    """Tied unembedding; float32 logits, soft-capped for Gemma 2."""
+    return soft_cap(self.embedder.decode(hidden_BxLxD), self.config.final_logit_soft_cap)

@@ -38,20 +38,23 @@ def left_pad(token_lists, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.
 
 def two_turn(model, params, prompt_BxP, prompt_valid_BxP, instr_I, rng,
              sample_params: sampling.SampleParams, max_len_1: int, max_len_2: int,
-             eos_id: int) -> Episode:
+             eos_id: int | None, stop_ids: tuple[int, ...] = ()) -> Episode:
   """start(prompt) -> decode y1 -> append(instr) -> decode y2, in one cache.
 
-  Jittable with model, max_len_1, max_len_2 and eos_id static.
+  Each turn ends at `eos_id` or any of `stop_ids` (e.g. `<end_of_turn>` for chat models).
+  Jittable with model, max_len_1, max_len_2, eos_id and stop_ids (a tuple) static.
   """
   B, P = prompt_BxP.shape
   I = instr_I.shape[0]
   rng_1, rng_2 = jax.random.split(rng)
   state = sampling.start(model, params, prompt_BxP, prompt_valid_BxP,
                          cache_size=P + max_len_1 + I + max_len_2)
-  state, y1 = sampling.decode(model, params, state, rng_1, sample_params, max_len_1, eos_id)
+  state, y1 = sampling.decode(model, params, state, rng_1, sample_params, max_len_1, eos_id,
+                              stop_ids)
   instr_BxI = jnp.broadcast_to(instr_I, (B, I))
   state = sampling.append(model, params, state, instr_BxI, jnp.ones((B, I), bool))
-  _, y2 = sampling.decode(model, params, state, rng_2, sample_params, max_len_2, eos_id)
+  _, y2 = sampling.decode(model, params, state, rng_2, sample_params, max_len_2, eos_id,
+                          stop_ids)
   return Episode(prompt_BxP=prompt_BxP, prompt_valid_BxP=prompt_valid_BxP, y1=y1, y2=y2)
 
 

@@ -3,9 +3,13 @@
 Every new token (prompt, instruction or sampled) is written at the next free slot with its
 validity; rotary positions continue from the number of valid slots so far. Rows that have
 finished keep writing pad tokens as *invalid* slots, so all rows share one slot counter.
+
+A row finishes at the first token in its stop set: `eos_id` plus any `stop_ids` (e.g.
+Gemma's `<end_of_turn>` for instruction-tuned chat). The set is static, so it is part of
+the compiled loop and never retraces per call.
 """
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -42,7 +46,15 @@ class Sample:
   valid_BxT: jax.Array
   logprobs_BxT: jax.Array  # untempered log-prob of the taken token; 0 where invalid
   lengths_B: jax.Array  # incl. EOS
-  truncated_B: jax.Array  # no EOS within T
+  truncated_B: jax.Array  # no stop token within T
+
+
+def stop_set(eos_id: Optional[int], stop_ids: Sequence[int] = ()) -> tuple[int, ...]:
+  """The sorted, hashable set {eos_id} | stop_ids (a jit static argument)."""
+  ids = set(int(i) for i in stop_ids)
+  if eos_id is not None:
+    ids.add(int(eos_id))
+  return tuple(sorted(ids))
 
 
 def _empty_state(config, batch_size: int, cache_size: int) -> DecodeState:
@@ -146,15 +158,18 @@ class _Loop(NamedTuple):
 
 
 def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
-           max_new_tokens: int, eos_id: int) -> tuple[DecodeState, Sample]:
-  """Samples up to T tokens per row, one slot per step, until every row emitted EOS.
+           max_new_tokens: int, eos_id: Optional[int],
+           stop_ids: Sequence[int] = ()) -> tuple[DecodeState, Sample]:
+  """Samples up to T tokens per row, one slot per step, until every row emitted a stop
+  token (`eos_id` or one of `stop_ids`; static, see `stop_set`).
 
   The last sampled token is fed to the model too, so the cache holds the full answer (incl.
-  EOS) and `state.slot` ends right after the longest sample, ready for `append`.
+  the stop token) and `state.slot` ends right after the longest sample, ready for `append`.
   """
   B = state.valid_BxS.shape[0]
   S = state.valid_BxS.shape[1]
   T = max_new_tokens
+  stop_K = jnp.asarray(stop_set(eos_id, stop_ids) or (-1,), jnp.int32)  # -1: never sampled
 
   def cond(loop: _Loop):
     return (loop.step < T) & ~jnp.all(loop.done_B) & (loop.state.slot < S)
@@ -169,7 +184,7 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
     at = (0, loop.step)
     return _Loop(
         step=loop.step + 1,
-        done_B=loop.done_B | (token_B == eos_id),
+        done_B=loop.done_B | jnp.isin(token_B, stop_K),
         state=append(model, params, loop.state, token_B[:, None], live_B[:, None]),
         rng=rng,
         tokens_BxT=jax.lax.dynamic_update_slice(loop.tokens_BxT, token_B[:, None], at),
@@ -193,11 +208,14 @@ class Sampler:
   Pad prompts to one fixed length (e.g. `rollout.left_pad`) so calls never recompile.
   """
 
-  def __init__(self, model, cache_size: int, max_new_tokens: int, eos_id: int = 3):
+  def __init__(self, model, cache_size: int, max_new_tokens: int,
+               eos_id: Optional[int] = 3, stop_ids: Sequence[int] = ()):
     self.max_new_tokens = max_new_tokens
+    self.stop_ids = stop_set(eos_id, stop_ids)
     self._start = jax.jit(functools.partial(start, model, cache_size=cache_size))
     self._append = jax.jit(functools.partial(append, model))
-    self._decode = jax.jit(functools.partial(decode, model, eos_id=eos_id),
+    self._decode = jax.jit(functools.partial(decode, model, eos_id=None,
+                                             stop_ids=self.stop_ids),
                            static_argnames=('max_new_tokens',))
 
   def start(self, params, tokens_BxP, valid_BxP) -> DecodeState:

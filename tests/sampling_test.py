@@ -1,4 +1,5 @@
 """KV-cached sampler vs a no-cache recomputation, and the sampling filters."""
+import dataclasses
 import functools
 
 import jax
@@ -17,13 +18,21 @@ PROMPTS = [[2, 17, 5, 9, 30], [2, 40], [2, 11, 12, 13, 14, 15, 21], [2, 8, 8]]
 P, T = 8, 8
 
 
+# Gemma 2/3 switches, with a sliding window much shorter than prompt + answer.
+WINDOW_MODEL = model_lib.Transformer(model_lib.ModelConfig(
+    vocab_size=48, embed_dim=32, hidden_dim=64, num_layers=3, num_heads=4, num_kv_heads=2,
+    head_dim=8, local_global_pattern=3, sliding_window_size=3, attn_logits_soft_cap=5.0,
+    final_logit_soft_cap=8.0, use_post_attn_norm=True, use_post_ffw_norm=True,
+    use_qk_norm=True, rope_base=1_000_000, rope_scale_factor=8.0))
+
+
 @functools.lru_cache
-def params(seed=0):
+def params(seed=0, model=MODEL):
   """Random params with block weights scaled up: at the default init a tiny model with tied
   embeddings mostly copies its last input token, which would make every test trivial."""
   tokens = jnp.ones((1, 4), jnp.int32)
   valid = jnp.ones((1, 4), bool)
-  init = jax.jit(MODEL.init)(jax.random.key(seed), tokens,
+  init = jax.jit(model.init)(jax.random.key(seed), tokens,
                              model_lib.positions_from_valid(valid),
                              model_lib.causal_attention_mask(valid))
   return jax.tree.map_with_path(
@@ -33,28 +42,30 @@ def params(seed=0):
 REF_WIDTH = 32  # fixed buffer for the reference: one compile for every prefix length
 
 
-@jax.jit
-def _log_probs(params, tokens_1xW):
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(model, params, tokens_1xW):
   """Plain causal forward, all slots valid, positions 0..W-1. Tokens after the prefix are
   filler and, being later, cannot change the prefix's logits (causality is model-tested)."""
   W = tokens_1xW.shape[1]
-  logits, _ = MODEL.apply(params, tokens_1xW, jnp.arange(W)[None],
+  logits, _ = model.apply(params, tokens_1xW, jnp.arange(W)[None],
                           model_lib.causal_attention_mask(jnp.ones((1, W), bool)))
   return jax.nn.log_softmax(logits[0], axis=-1)
 
 
-def reference_greedy(params, context, max_new_tokens, eos_id):
-  """Greedy decoding without a cache: a full forward over the growing prefix each step."""
+def reference_greedy(params, context, max_new_tokens, eos_id, model=MODEL):
+  """Greedy decoding without a cache: a full forward over the growing prefix each step.
+  `eos_id` may be a set of stop ids."""
+  stops = set(eos_id) if isinstance(eos_id, (set, tuple, list)) else {eos_id}
   seq, tokens, logprobs = list(context), [], []
   for _ in range(max_new_tokens):
     buf = np.zeros((1, REF_WIDTH), np.int32)
     buf[0, :len(seq)] = seq
-    logp_V = np.asarray(_log_probs(params, jnp.asarray(buf))[len(seq) - 1])
+    logp_V = np.asarray(_log_probs(model, params, jnp.asarray(buf))[len(seq) - 1])
     token = int(np.argmax(logp_V[1:])) + 1  # The sampler never emits pad (id 0).
     seq.append(token)
     tokens.append(token)
     logprobs.append(float(logp_V[token]))
-    if token == eos_id:
+    if token in stops:
       break
   return tokens, logprobs
 
@@ -96,6 +107,41 @@ def test_greedy_matches_no_cache_reference():
   np.testing.assert_array_equal(sample.valid_BxT, np.arange(T) < np.array(lengths)[:, None])
   np.testing.assert_array_equal(sample.truncated_B, [eos not in r for r in ref_tokens])
   assert len(set(lengths)) >= 3 and any(sample.truncated_B)
+
+
+def test_sliding_window_cached_decode_matches_no_cache():
+  """Window 3 over left-padded prompts + 8 answer tokens: the cache must window by rotary
+  position (pads excluded), exactly as the full forward does."""
+  p = params(model=WINDOW_MODEL)
+  sampler = sampling.Sampler(WINDOW_MODEL, cache_size=P + T, max_new_tokens=T, eos_id=None)
+  tokens_BxP, valid_BxP = rollout.left_pad(PROMPTS, P)
+  sample = sampler(p, tokens_BxP, valid_BxP, jax.random.key(0))
+  refs = [reference_greedy(p, prompt, T, None, model=WINDOW_MODEL) for prompt in PROMPTS]
+  np.testing.assert_array_equal(sample.tokens_BxT, [r[0] for r in refs])
+  np.testing.assert_allclose(sample.logprobs_BxT, [r[1] for r in refs], atol=1e-5)
+  # The window matters here: without it the same params decode differently.
+  no_window = model_lib.Transformer(dataclasses.replace(WINDOW_MODEL.config,
+                                                        local_global_pattern=0))
+  unwindowed = [reference_greedy(p, prompt, T, None, model=no_window)[1] for prompt in PROMPTS]
+  assert np.abs(np.array(unwindowed) - np.asarray(sample.logprobs_BxT)).max() > 1e-3
+
+
+def test_stop_ids_end_rows_at_any_of_the_set():
+  """eos_id plus extra stop ids (e.g. <end_of_turn>): each row ends at the first of them."""
+  no_eos = [reference_greedy(params(), p, T, eos_id=-1)[0] for p in PROMPTS]
+  firsts = sorted({(r.index(t), t) for r in no_eos for t in r[:T - 1]})
+  stops = (firsts[0][1], firsts[-1][1])  # one stops a row early, one late
+  sampler = sampling.Sampler(MODEL, cache_size=P + T, max_new_tokens=T, eos_id=stops[0],
+                             stop_ids=stops[1:])
+  tokens_BxP, valid_BxP = rollout.left_pad(PROMPTS, P)
+  sample = sampler(params(), tokens_BxP, valid_BxP, jax.random.key(0))
+  refs = [reference_greedy(params(), p, T, set(stops))[0] for p in PROMPTS]
+  assert {r[-1] for r in refs} >= set(stops)  # rows did end at each of the two
+  np.testing.assert_array_equal(sample.tokens_BxT, as_padded(refs, T, 0))
+  np.testing.assert_array_equal(sample.lengths_B, [len(r) for r in refs])
+  np.testing.assert_array_equal(sample.truncated_B, [r[-1] not in stops for r in refs])
+  assert sampling.stop_set(3, (7, 3, 1)) == (1, 3, 7)
+  assert sampling.stop_set(None) == ()
 
 
 def test_eos_makes_later_tokens_pad_and_invalid():
