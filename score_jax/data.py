@@ -20,16 +20,41 @@ class PromptFormat:
   """How turn 1 and the correction instruction are wrapped around the task's text.
 
   The embedded task uses plain newlines; instruction-tuned checkpoints wrap the same
-  texts in their chat markers.
+  texts in their chat markers and stop a turn at their end-of-turn piece.
   """
   turn1: str = "{prompt}\n"
   turn2: str = "\n{instruction}\n"
+  stop_pieces: tuple[str, ...] = ()  # Besides EOS: pieces that end a model turn.
+  special_pieces: tuple[str, ...] = ()  # Single tokens in the tokenizer (markers).
 
   def prompt_text(self, task: Task, problem: Problem) -> str:
     return self.turn1.format(prompt=task.prompt(problem))
 
   def instruction_text(self, task: Task) -> str:
     return self.turn2.format(instruction=task.correction_instruction)
+
+
+# Gemma's instruction-tuned conversation: y1 ends with the model's <end_of_turn> (a stop
+# token the sampler keeps in y1), so turn 2 opens with the newline that follows it.
+_GEMMA_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+PROMPT_FORMATS = {
+    "plain": PromptFormat(),
+    "gemma_chat": PromptFormat(
+        turn1="<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n",
+        turn2="\n<start_of_turn>user\n{instruction}<end_of_turn>\n<start_of_turn>model\n",
+        stop_pieces=("<end_of_turn>",), special_pieces=_GEMMA_MARKERS),
+}
+
+
+def get_prompt_format(name: str) -> PromptFormat:
+  if name not in PROMPT_FORMATS:
+    raise ValueError(f"unknown prompt format {name!r}; known: {sorted(PROMPT_FORMATS)}")
+  return PROMPT_FORMATS[name]
+
+
+def stop_ids(tok: Tokenizer, fmt: PromptFormat) -> tuple[int, ...]:
+  """Token ids that end a turn: EOS and the format's stop pieces (which must exist)."""
+  return (tok.eos_id,) + tuple(tok.piece_id(p) for p in fmt.stop_pieces)
 
 
 def transcript_text(fmt: PromptFormat, task: Task, problem: Problem, y1: str, y2: str) -> str:
@@ -97,8 +122,9 @@ def score_episode(tok: Tokenizer, task: Task, problems: Sequence[Problem], episo
   y1, y2 = response_tokens(episode.y1), response_tokens(episode.y2)
   text1 = [tok.decode(t) for t in y1]
   text2 = [tok.decode(t) for t in y2]
-  r1 = np.asarray([task.reward(t, p) for t, p in zip(text1, problems)], np.float32)
-  r2 = np.asarray([task.reward(t, p) for t, p in zip(text2, problems)], np.float32)
+  # One call for both turns, so a parallel verifier sees the whole batch at once.
+  r = task.rewards(text1 + text2, list(problems) * 2)
+  r1, r2 = r[:len(text1)], r[len(text1):]
   trunc1, trunc2 = np.asarray(episode.y1.truncated_B), np.asarray(episode.y2.truncated_B)
   stats = evaluate.self_correction_metrics(r1, r2, y1, y2, trunc1, trunc2)
   return dict(r1=r1, r2=r2, text1=text1, text2=text2, tokens1=y1, tokens2=y2,

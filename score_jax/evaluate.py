@@ -106,9 +106,10 @@ _COLUMNS = (
     ('trunc1', 'truncated_t1', '{:.1f}'),
     ('trunc2', 'truncated_t2', '{:.1f}'),
     ('n', 'n', '{:d}'),
+    ('MBPP-R', 'repair_acc', '{:.1f}'),  # Code tasks with eval.repair_path only.
 )
 _PERCENT = {'acc_t1', 'acc_t2', 'delta', 'delta_i2c', 'delta_c2i', 'edit_ratio_zero_share',
-            'truncated_t1', 'truncated_t2'}
+            'truncated_t1', 'truncated_t2', 'repair_acc'}
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:

@@ -14,11 +14,16 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from score_jax import data
 from score_jax import pipeline
 from score_jax import sharding
+from score_jax.tasks import known_tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a Python module).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer and reports.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host TPU slice: call jax.distributed.initialize() first "
+    "(launch/tpu_vm.sh sets it for slices of more than one host).")
 
 
 class ConfigError(ValueError):
@@ -40,7 +45,11 @@ def _one_of(config, field: str, allowed):
 def check_config(config, num_devices: int):
   """Fails early, naming the field, instead of deep inside a compiled function."""
   _one_of(config, "mode", ("train", "eval"))
-  _one_of(config, "base.source", ("sft", "checkpoint"))
+  _one_of(config, "base.source", ("sft", "init", "checkpoint", "hf", "gemma"))
+  _one_of(config, "prompt_format", tuple(data.PROMPT_FORMATS))
+  _one_of(config, "task.name", tuple(known_tasks()))
+  _one_of(config, "rl.reference_dtype", ("float32", "bfloat16"))
+  _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
   _one_of(config, "rl.kl_estimator", ("k1", "k3"))
   _one_of(config, "rl.baseline", ("rloo", "batch_mean", "none"))
   m = config.model
@@ -73,19 +82,34 @@ def check_config(config, num_devices: int):
   if list(config.mesh.shape) != [-1]:
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     data_size = sharding.data_axis_size(mesh)
-  for f, v in (("rl.num_prompts * rl.samples_per_prompt", rl.num_prompts * rl.samples_per_prompt),
+  episodes = rl.num_prompts * rl.samples_per_prompt
+  _check(isinstance(rl.microbatches, int) and rl.microbatches > 0
+         and episodes % (rl.microbatches * data_size) == 0, "rl.microbatches", rl.microbatches,
+         f"must divide the {episodes} episodes per step into slices that are multiples of "
+         f"the data axis size ({data_size})")
+  _check(r.batch_size >= 0 and (r.batch_size == 0 or (
+      episodes % r.batch_size == 0 and r.batch_size % data_size == 0)), "rollout.batch_size",
+      r.batch_size, f"must be 0 or divide the {episodes} episodes per step, in multiples of "
+      f"the data axis size ({data_size})")
+  for f, v in (("rl.num_prompts * rl.samples_per_prompt", episodes),
                ("base.batch_size", config.base.batch_size),
                ("eval.batch_size", config.eval.batch_size)):
     _check(v > 0 and v % data_size == 0, f, v,
            f"must be a positive multiple of the data axis size ({data_size} devices)")
   _check(config.eval.num_problems > 0, "eval.num_problems", config.eval.num_problems, "must be > 0")
+  uses_checkpoint = config.base.source in ("checkpoint", "hf", "gemma")
   for f, path in (("tokenizer.path", config.tokenizer.path),
                   ("eval.checkpoint", config.eval.checkpoint),
-                  ("base.checkpoint", config.base.checkpoint)):
+                  ("eval.repair_path", config.eval.repair_path),
+                  ("base.checkpoint", config.base.checkpoint if uses_checkpoint else "")):
     _check(not path or os.path.exists(path), f, path, "no such file or directory")
-  if config.base.source == "checkpoint":
+  if uses_checkpoint:
     _check(bool(config.base.checkpoint), "base.checkpoint", config.base.checkpoint,
-           "required when base.source='checkpoint'")
+           f"required when base.source={config.base.source!r}")
+  if config.base.source != "sft":
+    _check(bool(config.tokenizer.path) or config.base.source == "init", "tokenizer.path",
+           config.tokenizer.path, f"required with pretrained weights (base.source="
+           f"{config.base.source!r}): the model's own tokenizer.model")
 
 
 def main(argv):
@@ -96,6 +120,8 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   if not workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/demo")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   try:
     check_config(config, jax.device_count())
   except ConfigError as e:

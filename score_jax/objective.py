@@ -126,12 +126,14 @@ def advantages(r1_B, r2_B, stage, alpha, baseline, k=None, normalize=False,
   return tuple(out)
 
 
-def score_loss(logp_pi_BxS, logp_ref_BxS, turn_BxS, r1_B, r2_B, cfg):
+def score_loss(logp_pi_BxS, logp_ref_BxS, turn_BxS, r1_B, r2_B, cfg, adv_B=None):
   """The SCoRe loss (to minimise) for one batch of two-turn episodes, and metrics.
 
   cfg fields: stage, alpha, beta1, beta2, kl_estimator, baseline, rloo_k,
   normalize_advantages. The KL enters as a sequence-level sum per turn, so the paper's
-  betas weigh sequence KL; the loss is the mean over episodes.
+  betas weigh sequence KL; the loss is the mean over episodes. `adv_B` = (A1_B, A2_B)
+  given by the caller replaces `advantages(r1_B, r2_B, ...)`: a microbatch of a larger
+  batch takes its advantages from the whole batch (baselines need every episode).
   """
   _check('stage', cfg.stage, STAGES)
   m1_BxS = turn_BxS == 1
@@ -145,9 +147,10 @@ def score_loss(logp_pi_BxS, logp_ref_BxS, turn_BxS, r1_B, r2_B, cfg):
   def turn_sum(x_BxS, m_BxS):
     return jnp.sum(jnp.where(m_BxS, x_BxS, 0.), axis=1)
 
-  a1_B, a2_B = jax.lax.stop_gradient(advantages(
-      r1_B, r2_B, cfg.stage, cfg.alpha, cfg.baseline, cfg.rloo_k,
-      cfg.normalize_advantages))
+  if adv_B is None:
+    adv_B = advantages(r1_B, r2_B, cfg.stage, cfg.alpha, cfg.baseline, cfg.rloo_k,
+                       cfg.normalize_advantages)
+  a1_B, a2_B = jax.lax.stop_gradient(adv_B)
   pg_B = -(a1_B * turn_sum(logp_pi_BxS, m1_BxS) +
            a2_B * turn_sum(logp_pi_BxS, m2_BxS))
 

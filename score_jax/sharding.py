@@ -15,6 +15,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+# FSDP for the Gemma tree: each weight split along the model width D over the `data` axis,
+# the same axis the batch is split on; XLA all-gathers a weight where it is used. Norm
+# scales are small and replicated.
+FSDP_RULES = (
+    (r".*embedder/input_embedding", (None, DATA_AXIS)),          # [V, D]
+    (r".*attn/q_einsum/w", (None, DATA_AXIS, None)),             # [N, D, H]
+    (r".*attn/kv_einsum/w", (None, None, DATA_AXIS, None)),      # [2, K, D, H]
+    (r".*attn/qkv_einsum/w", (None, None, DATA_AXIS, None)),     # [3, N, D, H]
+    (r".*attn/attn_vec_einsum/w", (None, None, DATA_AXIS)),      # [N, H, D]
+    (r".*mlp/gating_einsum", (None, DATA_AXIS, None)),           # [2, D, F]
+    (r".*mlp/linear", (None, DATA_AXIS)),                        # [F, D]
+    (r".*", ()),
+)
+
+
 def make_mesh(shape: Sequence[int], axes: Sequence[str]) -> Mesh:
   """A mesh over all devices; one entry of `shape` may be -1 (the rest of the devices)."""
   shape, axes = list(shape), tuple(axes)

@@ -29,11 +29,13 @@ class Tokenizer:
 
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, model_path: str | os.PathLike,
-            model_type: str = 'bpe') -> 'Tokenizer':
+            model_type: str = 'bpe',
+            user_defined_symbols: Sequence[str] = ()) -> 'Tokenizer':
     """Trains on `texts`, writes `model_path` atomically and returns the tokenizer.
 
     Deterministic: one thread and no sampling/shuffling of the input, so the same texts
-    give the same model bytes. Normalisation is the identity and whitespace is kept as
+    give the same model bytes. `user_defined_symbols` (e.g. chat markers) are always
+    single pieces, as Gemma's `<start_of_turn>` is in its tokenizer. Normalisation is the identity and whitespace is kept as
     is, so decode(encode(s)) == s for any text built from the corpus characters.
     """
     model = io.BytesIO()
@@ -44,6 +46,7 @@ class Tokenizer:
           vocab_size=vocab_size,
           model_type=model_type,
           pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+          user_defined_symbols=list(user_defined_symbols),
           split_digits=True,  # One token per digit: column arithmetic needs them.
           character_coverage=1.0,
           normalization_rule_name='identity',
@@ -110,6 +113,13 @@ class Tokenizer:
       if i != self.pad_id:
         out.append(i)
     return self._sp.decode(out)
+
+  def piece_id(self, piece: str) -> int:
+    """Id of a piece that must exist as one token (a stop marker, say)."""
+    i = self._sp.piece_to_id(piece)
+    if i == self.unk_id and piece != self.id_to_piece(self.unk_id):
+      raise ValueError(f'the tokenizer has no piece {piece!r} (needed as a single token)')
+    return i
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))

@@ -63,18 +63,53 @@ def sft_step(model, tx, chunk, state: TrainState, ref_params, batch):
   return TrainState(state.step + 1, params, opt_state), dict(loss=loss, grad_norm=optax.global_norm(grads))
 
 
-def rl_step(model, tx, chunk, loss_cfg, state: TrainState, ref_params, batch):
-  """One SCoRe step: reference log-probs, then the stage's loss and an Adam update."""
-  tokens, valid, turn = batch["tokens"], batch["valid"], batch["turn"]
-  logp_ref, _ = objective.token_logprobs(model, ref_params, tokens, valid, chunk)
-  logp_ref = jax.lax.stop_gradient(logp_ref)
+def _microbatches(x_BxN, num: int):
+  """[B, ...] -> [num, B/num, ...], microbatch i = rows i, i+num, i+2num, ...
 
-  def loss_fn(params):
-    logp, entropy = objective.token_logprobs(model, params, tokens, valid, chunk)
-    loss, m = objective.score_loss(logp, logp_ref, turn, batch["r1"], batch["r2"], loss_cfg)
-    m = dict(m, entropy=_masked_mean(jax.lax.stop_gradient(entropy), turn > 0))
-    return loss, m
-  (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  Strided, so each device's contiguous block of the data-sharded batch contributes
+  equally to every microbatch and no rows move between devices.
+  """
+  B = x_BxN.shape[0]
+  return jnp.swapaxes(x_BxN.reshape(B // num, num, *x_BxN.shape[1:]), 0, 1)
+
+
+def rl_step(model, tx, chunk, loss_cfg, state: TrainState, ref_params, batch, microbatches=1):
+  """One SCoRe step: reference log-probs, then the stage's loss and an Adam update.
+
+  With `microbatches` > 1 the batch is processed in that many slices whose gradients are
+  summed (a `lax.scan`), so activation memory is that of one slice; advantages come from
+  the whole batch first, so the update equals the one-slice update up to float rounding.
+  """
+  adv_B = objective.advantages(batch["r1"], batch["r2"], loss_cfg.stage, loss_cfg.alpha,
+                               loss_cfg.baseline, loss_cfg.rloo_k,
+                               loss_cfg.normalize_advantages)
+
+  def grads_of(params, mb):
+    tokens, valid, turn = mb["tokens"], mb["valid"], mb["turn"]
+    logp_ref, _ = objective.token_logprobs(model, ref_params, tokens, valid, chunk)
+    logp_ref = jax.lax.stop_gradient(logp_ref)
+
+    def loss_fn(params):
+      logp, entropy = objective.token_logprobs(model, params, tokens, valid, chunk)
+      loss, m = objective.score_loss(logp, logp_ref, turn, mb["r1"], mb["r2"], loss_cfg,
+                                     adv_B=(mb["a1"], mb["a2"]))
+      return loss, dict(m, entropy=_masked_mean(jax.lax.stop_gradient(entropy), turn > 0))
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  full = dict(batch, a1=adv_B[0], a2=adv_B[1])
+  if microbatches == 1:
+    (_, m), grads = grads_of(state.params, full)
+  else:
+    def body(grads_sum, mb):
+      (_, m), g = grads_of(state.params, mb)
+      return jax.tree.map(jnp.add, grads_sum, g), m
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    grads, m = jax.lax.scan(body, zeros, jax.tree.map(
+        lambda x: _microbatches(x, microbatches), full))
+    grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grads, state.params)
+    m = jax.tree.map(jnp.mean, m)  # Every slice has B/num episodes: means of means.
+    # Advantage statistics of the whole batch, not averages of slice statistics.
+    m.update(adv1_std=adv_B[0].std(), adv2_std=adv_B[1].std())
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return TrainState(state.step + 1, params, opt_state), dict(m, grad_norm=optax.global_norm(grads))
@@ -93,13 +128,23 @@ class Trainer:
     self.abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
     self.param_sh = sharding.param_shardings(self.mesh, self.abstract_params, config.sharding_rules)
     self.instr = data.instruction_ids(tok, fmt, task)
+    self.stop_ids = data.stop_ids(tok, fmt)
     r = config.rollout
     def two_turn(params, *args):
       return rollout.two_turn(self.model, {"params": params}, *args, max_len_1=r.max_len_1,
-                              max_len_2=r.max_len_2, eos_id=tok.eos_id)
+                              max_len_2=r.max_len_2, eos_id=tok.eos_id, stop_ids=self.stop_ids)
     self._rollout = jax.jit(two_turn,
         in_shardings=(self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh,
                       self.repl_sh))
+
+    def one_turn(params, context_BxC, context_valid_BxC, rng, sample_params):
+      p = {"params": params}
+      state = sampling.start(self.model, p, context_BxC, context_valid_BxC,
+                             cache_size=context_BxC.shape[1] + r.max_len_2)
+      return sampling.decode(self.model, p, state, rng, sample_params, r.max_len_2,
+                             tok.eos_id, self.stop_ids)[1]
+    self._one_turn = jax.jit(one_turn, in_shardings=(
+        self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh))
 
   def _init_params(self, rng):
     tokens = jnp.zeros((1, 8), jnp.int32)
@@ -186,7 +231,8 @@ class Trainer:
         kl_estimator=rl.kl_estimator, baseline=rl.baseline, rloo_k=rl.samples_per_prompt,
         normalize_advantages=rl.normalize_advantages))
     tx = make_optimizer(st.learning_rate, rl.grad_clip)
-    step_fn = functools.partial(rl_step, self.model, tx, rl.logprob_chunk, loss_cfg)
+    step_fn = functools.partial(rl_step, self.model, tx, rl.logprob_chunk, loss_cfg,
+                                microbatches=rl.microbatches)
     r = cfg.rollout
     sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
 
@@ -194,9 +240,10 @@ class Trainer:
       problems = data.rl_problems(self.task, cfg.seed, stage, step, rl.num_prompts,
                                   rl.samples_per_prompt)
       t0 = time.time()
-      episode, scored = self.rollout_and_score(params, problems, sample_params,
-                                               jax.random.fold_in(jax.random.key(cfg.seed),
-                                                                  stage * 1_000_003 + step))
+      episode, scored = self.rollout_and_score(
+          params, problems, sample_params,
+          jax.random.fold_in(jax.random.key(cfg.seed), stage * 1_000_003 + step),
+          r.batch_size)
       t_sample = time.time() - t0
       tokens, valid, turn = rollout.episode_sequence(episode, self.instr)
       s = scored["stats"]
@@ -206,6 +253,9 @@ class Trainer:
                   truncated1=s["truncated_t1"], truncated2=s["truncated_t2"],
                   len1=float(np.mean(scored["len1"])), len2=float(np.mean(scored["len2"])),
                   sample_time=t_sample, sample_tokens_per_s=new_tokens / t_sample)
+      stats = getattr(self.task, "verifier_stats", None)
+      if stats is not None:  # Cumulative: a rising count means verifiers are timing out.
+        host.update(verifier_timeouts=stats["timeouts"], verifier_errors=stats["errors"])
       batch = dict(tokens=tokens, valid=valid, turn=turn, r1=scored["r1"], r2=scored["r2"])
       return batch, host
     return self._run_phase(f"stage{stage}", st.steps, tx, init_params, step_fn, batch_fn,
@@ -213,13 +263,39 @@ class Trainer:
 
   # -- sampling and evaluation -------------------------------------------------------------
 
-  def rollout_and_score(self, params, problems, sample_params, rng):
-    """Two-turn episodes for `problems` and their rewards (host side)."""
-    prompt, prompt_valid = data.encode_prompts(self.tok, self.fmt, self.task, problems,
-                                               self.config.rollout.max_prompt_len)
-    episode = self._rollout(params, prompt, prompt_valid, self.instr, rng, sample_params)
-    episode = jax.device_get(episode)
+  def rollout_and_score(self, params, problems, sample_params, rng, batch_size=0):
+    """Two-turn episodes for `problems` and their rewards (host side).
+
+    Sampled `batch_size` problems per call (0 = all at once), which bounds the KV cache;
+    rewards are computed once for the whole batch, so verifiers see it all in parallel.
+    """
+    n = batch_size or len(problems)
+    episodes = []
+    for start in range(0, len(problems), n):
+      prompt, prompt_valid = data.encode_prompts(self.tok, self.fmt, self.task,
+                                                 problems[start:start + n],
+                                                 self.config.rollout.max_prompt_len)
+      key = jax.random.fold_in(rng, start) if start else rng
+      episodes.append(jax.device_get(
+          self._rollout(params, prompt, prompt_valid, self.instr, key, sample_params)))
+    episode = jax.tree.map(lambda *x: np.concatenate(x), *episodes)
     return episode, data.score_episode(self.tok, self.task, problems, episode)
+
+  def second_turns(self, params, contexts: list[list[int]], sample_params, rng):
+    """y2 after given contexts [BOS, x1, y1, instruction] (offline repair, MBPP-R)."""
+    r = self.config.rollout
+    length = r.max_prompt_len + r.max_len_1 + len(self.instr)
+    tokens, valid = rollout.left_pad(contexts, length, pad_id=self.tok.pad_id)
+    return jax.device_get(self._one_turn(params, tokens, valid, rng, sample_params))
+
+  def as_reference(self, params):
+    """The frozen reference: `params` in `config.rl.reference_dtype` (bfloat16 halves its
+    memory); it is never given optimizer state."""
+    dtype = jnp.dtype(self.config.rl.reference_dtype)
+    if all(x.dtype == dtype for x in jax.tree.leaves(params)):
+      return params
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                   out_shardings=self.param_sh)(params)
 
   def restore_params(self, directory: str, step: Optional[int] = None):
     ckpt = checkpoints.Checkpointer(directory)

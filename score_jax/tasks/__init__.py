@@ -11,6 +11,10 @@ from score_jax.tasks.base import Problem, Task
 # a code sandbox) costs nothing unless it is used. Each class takes the task ConfigDict.
 _REGISTRY: dict[str, str] = {
     'arithmetic': 'score_jax.tasks.arithmetic:ArithmeticTask',
+    'school_math': 'score_jax.tasks.school_math:SchoolMathTask',
+    'math': 'score_jax.tasks.math:MathTask',
+    'mbpp': 'score_jax.tasks.code:MBPPTask',
+    'humaneval': 'score_jax.tasks.code:HumanEvalTask',
 }
 
 

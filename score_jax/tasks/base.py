@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -46,6 +46,14 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def reward(self, response_text: str, problem: Problem) -> float:
     """Binary oracle reward r(y, y*) in {0.0, 1.0}; malformed responses get 0.0."""
+
+  def rewards(self, response_texts: Sequence[str], problems: Sequence[Problem]) -> np.ndarray:
+    """Rewards of a batch, float32 [n]. Tasks with slow verifiers (sympy, a code sandbox)
+    override this to verify in parallel worker processes with a per-item timeout."""
+    return np.asarray([self.reward(t, p) for t, p in zip(response_texts, problems)], np.float32)
+
+  def close(self):
+    """Releases worker processes or files the task holds (called at the end of a run)."""
 
   @abc.abstractmethod
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:

@@ -1,0 +1,64 @@
+"""The RL step's microbatching and the frozen reference's dtype."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from score_jax import model as model_lib
+from score_jax import train
+
+
+def _setup(B=8, L=24):
+  model = model_lib.Transformer(model_lib.ModelConfig(
+      vocab_size=32, embed_dim=32, hidden_dim=64, num_layers=1, num_heads=2, num_kv_heads=1,
+      head_dim=16))
+  valid = jnp.ones((1, 4), bool)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                      model_lib.positions_from_valid(valid),
+                      model_lib.causal_attention_mask(valid))['params']
+  rng = np.random.default_rng(0)
+  valid = np.arange(L)[None, :] >= rng.integers(0, 6, size=(B, 1))  # left-padded prompts
+  turn = np.select([np.arange(L) >= 16, np.arange(L) >= 8], [2, 1], 0)
+  turn = np.where(valid, turn, 0).astype(np.int32)
+  tokens = np.where(valid, rng.integers(4, 32, size=(B, L)), 0).astype(np.int32)
+  batch = dict(tokens=tokens, valid=valid, turn=turn,
+               r1=rng.integers(0, 2, B).astype(np.float32),
+               r2=rng.integers(0, 2, B).astype(np.float32))
+  # The reference differs from the policy, so the KL term has a gradient too.
+  ref = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), params)
+  return model, params, ref, batch
+
+
+@pytest.mark.parametrize('stage,baseline', [(1, 'rloo'), (2, 'rloo'), (2, 'batch_mean')])
+def test_microbatched_step_equals_whole_batch_step(stage, baseline):
+  model, params, ref, batch = _setup()
+  cfg = ml_collections.ConfigDict(dict(
+      stage=stage, alpha=10.0, beta1=0.01, beta2=0.1, kl_estimator='k1', baseline=baseline,
+      rloo_k=2, normalize_advantages=False))
+  tx = optax.sgd(1.0)  # The update is the gradient itself: compares gradients directly.
+  out = {}
+  for micro in (1, 2, 4):
+    state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    step = jax.jit(functools.partial(train.rl_step, model, tx, 8, cfg, microbatches=micro))
+    new, m = step(state, ref, batch)
+    out[micro] = (new.params, m)
+  for micro in (2, 4):
+    for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[micro][0])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    for key in ('loss', 'pg_loss', 'kl_loss', 'kl1', 'kl2', 'adv2_std'):
+      np.testing.assert_allclose(out[1][1][key], out[micro][1][key], rtol=1e-5, atol=1e-6)
+  # Not vacuous: the step moved the parameters.
+  moved = max(float(jnp.abs(a - b).max())
+              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(out[1][0])))
+  assert moved > 1e-4
+
+
+def test_microbatches_are_strided_slices():
+  x = jnp.arange(12).reshape(6, 2)
+  mb = train._microbatches(x, 3)
+  assert mb.shape == (3, 2, 2)
+  np.testing.assert_array_equal(mb[1], x[1::3])
