@@ -179,6 +179,9 @@ def _thousands(s: str) -> str:
 def normalize(answer: str) -> tuple[str, str | None]:
   """(canonical answer string, canonical unit or None)."""
   s = answer.strip().translate(_UNICODE)
+  # Python-style powers (models that think in code write `x**2`): LaTeX reads `**` as
+  # two products, which made `q**3` equal `q**2`.
+  s = re.sub(r'\*\*\s*(\w+|\([^()]*\))', lambda m: '^{' + m.group(1).strip('()') + '}', s)
   s = re.sub(r'\\sqrt\s*(\d+)', r'\\sqrt{\1}', s)
   if re.fullmatch(r'\\(?:boxed|fbox)\s*\{.*\}', s, re.DOTALL):
     s = last_boxed(s) or s
