@@ -43,7 +43,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from score_jax.tasks.base import Problem, Task
+from score_jax.tasks.base import Problem, Task, merge_config
 
 CORRECTION_INSTRUCTION = (
     'There might be an error in the answer above. Check it and correct it if needed.')
@@ -141,13 +141,7 @@ class ArithmeticTask(Task):
   correction_instruction = CORRECTION_INSTRUCTION
 
   def __init__(self, config: ml_collections.ConfigDict | None = None):
-    cfg = default_config()
-    if config is not None:
-      unknown = set(config.keys()) - set(cfg.keys())
-      if unknown:
-        raise ValueError(f'unknown arithmetic task fields {sorted(unknown)}; '
-                         f'known: {sorted(cfg.keys())}')
-      cfg.update(config)
+    cfg = merge_config(default_config(), config)
     if not 1 <= cfg.num_digits <= 9:
       raise ValueError(f'num_digits must be in [1, 9], got {cfg.num_digits}')
     if not 0.0 < cfg.eval_fraction <= 0.5:

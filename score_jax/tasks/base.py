@@ -9,7 +9,21 @@ import abc
 import dataclasses
 from typing import Any, Iterator, Sequence
 
+import ml_collections
 import numpy as np
+
+
+def merge_config(defaults: ml_collections.ConfigDict,
+                 config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """`defaults` updated by the user's task config; an unknown field (a typo) is an error
+  that names it, instead of a silently ignored setting."""
+  if config is not None:
+    unknown = set(config.keys()) - set(defaults.keys())
+    if unknown:
+      raise ValueError(f'unknown {defaults.get("name", "task")} task fields {sorted(unknown)}; '
+                       f'known: {sorted(defaults.keys())}')
+    defaults.update(config)
+  return defaults
 
 
 @dataclasses.dataclass(frozen=True)

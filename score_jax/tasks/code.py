@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from score_jax import sandbox
-from score_jax.tasks.base import Problem, Task
+from score_jax.tasks.base import Problem, Task, merge_config
 
 # SCORE.md "Prompts used in the paper", code correction instruction, verbatim.
 CORRECTION_INSTRUCTION = (
@@ -158,14 +158,9 @@ def mbpp_problem(record: dict) -> Problem:
 
 
 def _merged(cfg: ml_collections.ConfigDict | None, name: str) -> ml_collections.ConfigDict:
-  out = default_config()
-  out.name = name
-  if cfg is not None:
-    unknown = set(cfg.keys()) - set(out.keys())
-    if unknown:
-      raise ValueError(f'unknown {name} task fields {sorted(unknown)}; known: {sorted(out)}')
-    out.update(cfg)
-  return out
+  defaults = default_config()
+  defaults.name = name
+  return merge_config(defaults, cfg)
 
 
 class _SandboxRewards:

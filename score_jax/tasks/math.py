@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from score_jax import math_grader
-from score_jax.tasks.base import Problem, Task
+from score_jax.tasks.base import Problem, Task, merge_config
 from score_jax.verifiers import PooledGrading
 
 PROMPT_TEMPLATE = (
@@ -196,13 +196,7 @@ class MathTask(PooledGrading, Task):
   correction_instruction = CORRECTION_INSTRUCTION
 
   def __init__(self, config: ml_collections.ConfigDict | None = None):
-    cfg = default_config()
-    if config is not None:
-      unknown = set(config.keys()) - set(cfg.keys())
-      if unknown:
-        raise ValueError(f'unknown math task fields {sorted(unknown)}; '
-                         f'known: {sorted(cfg.keys())}')
-      cfg.update(config)
+    cfg = merge_config(default_config(), config)
     resolve_format(cfg.format, '', '')  # rejects an unknown format now, not at first use
     for field in ('train_path', 'eval_path', 'tfds_data_dir'):
       if cfg[field] and not os.path.exists(cfg[field]):

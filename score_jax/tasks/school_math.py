@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from score_jax.tasks.base import Problem, Task
+from score_jax.tasks.base import Problem, Task, merge_config
 from score_jax.verifiers import PooledGrading
 
 CORRECTION_INSTRUCTION = (
@@ -295,13 +295,7 @@ class SchoolMathTask(PooledGrading, Task):
   correction_instruction = CORRECTION_INSTRUCTION
 
   def __init__(self, config: ml_collections.ConfigDict | None = None):
-    cfg = default_config()
-    if config is not None:
-      unknown = set(config.keys()) - set(cfg.keys())
-      if unknown:
-        raise ValueError(f'unknown school_math task fields {sorted(unknown)}; '
-                         f'known: {sorted(cfg.keys())}')
-      cfg.update(config)
+    cfg = merge_config(default_config(), config)
     cfg.eval_difficulty = cfg.eval_difficulty or cfg.difficulty
     for difficulty in (cfg.difficulty, cfg.eval_difficulty):
       _check_modules(list(cfg.modules), difficulty)
