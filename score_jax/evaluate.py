@@ -106,8 +106,9 @@ _COLUMNS = (
     ('trunc1', 'truncated_t1', '{:.1f}'),
     ('trunc2', 'truncated_t2', '{:.1f}'),
     ('n', 'n', '{:d}'),
-    ('MBPP-R', 'repair_acc', '{:.1f}'),  # Code tasks with eval.repair_path only.
 )
+# Shown only when some model has them.
+_OPTIONAL_COLUMNS = (('MBPP-R', 'repair_acc', '{:.1f}'),)  # code tasks with eval.repair_path
 _PERCENT = {'acc_t1', 'acc_t2', 'delta', 'delta_i2c', 'delta_c2i', 'edit_ratio_zero_share',
             'truncated_t1', 'truncated_t2', 'repair_acc'}
 
@@ -120,8 +121,10 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     return fmt.format(int(value) if key == 'n' else
                       100 * value if key in _PERCENT else value)
 
-  header = ['model'] + [h for h, _, _ in _COLUMNS]
-  rows = [[name] + [cell(k, f, m.get(k)) for _, k, f in _COLUMNS]
+  columns = _COLUMNS + tuple(c for c in _OPTIONAL_COLUMNS
+                             if any(c[1] in m for m in results.values()))
+  header = ['model'] + [h for h, _, _ in columns]
+  rows = [[name] + [cell(k, f, m.get(k)) for _, k, f in columns]
           for name, m in results.items()]
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
   line = lambda r: '  '.join([r[0].ljust(widths[0])] +

@@ -100,6 +100,11 @@ def test_format_table():
   assert lines[2].split() == ['base', '50.0', '62.5', '+12.5', '25.0', '12.5', '0.292',
                               '50.0', '12.5', '37.5', '8']
   assert lines[3].startswith('stage2')
+  assert 'MBPP-R' not in table
+  # The repair column appears when a model has it; '-' for one that has not.
+  table = ev.format_table({'base': m, 'stage2': dict(m, repair_acc=0.25)}).splitlines()
+  assert table[0].split()[-1] == 'MBPP-R'
+  assert table[2].split()[-1] == '-' and table[3].split()[-1] == '25.0'
 
 
 def test_plot_table_writes_png(tmp_path):
