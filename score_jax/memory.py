@@ -67,7 +67,7 @@ class Run:
   cache_len: Optional[int] = None  # KV cache slots; None: seq_len
   logprob_chunk: int = 256
   reference_dtype: str = 'bfloat16'
-  optimizer_state: str = 'f32_master'  # or 'param_dtype'
+  optimizer_state: str = 'param_dtype'  # what train.py builds; or 'f32_master'
 
 
 def estimate(c: model_lib.ModelConfig, run: Run) -> dict[str, float]:
@@ -157,7 +157,7 @@ def main(argv=None) -> str:
   parser.add_argument('--cache_len', type=int, default=None)
   parser.add_argument('--logprob_chunk', type=int, default=256)
   parser.add_argument('--reference_dtype', default='bfloat16')
-  parser.add_argument('--optimizer_state', default='f32_master',
+  parser.add_argument('--optimizer_state', default='param_dtype',
                       choices=('f32_master', 'param_dtype'))
   parser.add_argument('--hbm_gb', type=float, default=None, help='per-device memory')
   fields = {f.name: f for f in dataclasses.fields(model_lib.ModelConfig)}
