@@ -123,6 +123,12 @@ def test_pipeline_kill_resume_and_eval(tmp_path):
     ("--config.tokenizer.path=/nonexistent/tok.model", "tokenizer.path"),
     ("--config.rl.samples_per_prompt=1", "rl.samples_per_prompt"),
     ("--config.model.num_kv_heads=3", "model.num_kv_heads"),
+    ("--config.base.source=hub", "base.source"),
+    ("--config.base.source=hf", "base.checkpoint"),
+    ("--config.task.name=mathh", "task.name"),
+    ("--config.prompt_format=chatml", "prompt_format"),
+    ("--config.rl.microbatches=3", "rl.microbatches"),
+    ("--config.rollout.batch_size=24", "rollout.batch_size"),
 ])
 def test_bad_config_names_the_field(tmp_path, override, field):
   out = subprocess.run(_cmd(str(tmp_path / "run"), override), cwd=REPO, env=_env(),

@@ -62,3 +62,28 @@ def test_microbatches_are_strided_slices():
   mb = train._microbatches(x, 3)
   assert mb.shape == (3, 2, 2)
   np.testing.assert_array_equal(mb[1], x[1::3])
+
+
+def test_reference_is_a_bfloat16_copy_on_the_param_shardings(tmp_path):
+  from score_jax import config_defaults
+  from score_jax import data
+  from score_jax.tasks import get_task
+  from score_jax.tokenizer import Tokenizer
+
+  config = config_defaults.get_config()
+  config.model.update(embed_dim=32, hidden_dim=64, num_layers=1, num_heads=2, head_dim=16)
+  config.rl.reference_dtype = 'bfloat16'
+  task = get_task(config.task)
+  texts = [data.transcript_text(data.PromptFormat(), task, p, y1, y2)
+           for p, y1, y2 in task.base_transcripts(np.random.default_rng(0), 300)]
+  tok = Tokenizer.train(texts, config.tokenizer.vocab_size, tmp_path / 'tok.model')
+  trainer = train.Trainer(config, str(tmp_path), tok, task)
+  params = trainer.init_params(0)
+  ref = trainer.as_reference(params)
+  for p, r, s in zip(jax.tree.leaves(params), jax.tree.leaves(ref),
+                     jax.tree.leaves(trainer.param_sh)):
+    assert p.dtype == jnp.float32 and r.dtype == jnp.bfloat16
+    assert r.sharding == s
+    np.testing.assert_array_equal(np.asarray(r), np.asarray(p.astype(jnp.bfloat16)))
+  config.rl.reference_dtype = 'float32'
+  assert trainer.as_reference(params) is params  # same dtype: no copy
