@@ -124,12 +124,11 @@ def test_humaneval_all_canonical_solutions_pass(humaneval):
 
 
 def test_humaneval_bare_prompts_and_pass_bodies_get_zero(humaneval):
-  # All 164 bare prompts, and `pass` bodies for every other problem (the suite's budget);
-  # a full run of all 164 x 3 takes ~25 s on 2 cores, see bench/bench_sandbox.py.
+  # All 164 bare prompts and all 164 `pass` bodies (~5 s on a quiet 2-core machine).
   problems = humaneval.eval_problems(164)
-  rewards = humaneval.rewards([''] * 164 + ['    pass\n'] * 82,
-                              problems + problems[::2])
-  assert rewards.sum() == 0.0, [p.id for p, r in zip(problems + problems[::2], rewards) if r]
+  rewards = humaneval.rewards([''] * 164 + ['    pass\n'] * 164, problems + problems)
+  assert len(rewards) == 328
+  assert rewards.sum() == 0.0, [p.id for p, r in zip(problems + problems, rewards) if r]
 
 
 def test_humaneval_full_program_response_and_training_side(humaneval):
