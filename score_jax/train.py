@@ -78,7 +78,7 @@ def rl_step(model, tx, chunk, loss_cfg, state: TrainState, ref_params, batch, mi
 
   With `microbatches` > 1 the batch is processed in that many slices whose gradients are
   summed (a `lax.scan`), so activation memory is that of one slice; advantages come from
-  the whole batch first, so the update equals the one-slice update up to float rounding.
+  the whole batch first, so the update equals the whole-batch update up to float rounding.
   """
   adv_B = objective.advantages(batch["r1"], batch["r2"], loss_cfg.stage, loss_cfg.alpha,
                                loss_cfg.baseline, loss_cfg.rloo_k,
