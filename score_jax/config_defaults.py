@@ -27,9 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=vocab, corpus_size=4000))
 
   # ModelConfig fields (score_jax/model.py); `score_jax.presets.get(name)` gives Gemma's.
-  # Precision: param_dtype float32 + dtype bfloat16 is mixed precision with a float32
-  # master copy (weights cast to bfloat16 where used; Adam updates float32); param_dtype
-  # bfloat16 halves parameter and Adam memory but updates bfloat16 weights directly.
+  # Precision: param_dtype float32 + dtype bfloat16 is mixed precision, the params being
+  # the float32 master (cast to bfloat16 where used); param_dtype bfloat16 stores bfloat16
+  # params and keeps the float32 master inside the optimizer (train.with_float32_master).
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=vocab, embed_dim=128, hidden_dim=512, num_layers=4, num_heads=4,
       num_kv_heads=1, head_dim=32, rope_base=10_000, dtype="float32",

@@ -7,9 +7,10 @@ Formula (P params, L layers, V vocab, D width, F hidden, N/K heads/kv heads, H h
 b = episodes per device per microbatch, S = training sequence length, T = b*S):
   policy params   P * bytes(param_dtype) / shard          shard = product of --param_axes
   reference       P * bytes(reference_dtype) / shard      frozen: no grads, no moments
-  Adam state      'param_dtype': 2 moments in param dtype (optax.adamw as train.py builds
-                  it); 'f32_master': with bf16 params, an f32 master copy + 2 f32 moments
-                  (12 bytes/param), with f32 params just the 2 moments
+  Adam state      'f32_master' (what train.py builds): with bf16 params an f32 master copy
+                  + 2 f32 moments (12 bytes/param), with f32 params just the 2 moments;
+                  'param_dtype': 2 moments in the param dtype, no master (an optimizer
+                  that updates bf16 weights directly)
   gradients       P * bytes(param_dtype) / shard
   activations     no remat: L * T * layer_bytes;  per-layer remat: L * T * D * a (block
                   inputs) + T * layer_bytes (one block recomputed in the backward pass)
@@ -67,7 +68,7 @@ class Run:
   cache_len: Optional[int] = None  # KV cache slots; None: seq_len
   logprob_chunk: int = 256
   reference_dtype: str = 'bfloat16'
-  optimizer_state: str = 'param_dtype'  # what train.py builds; or 'f32_master'
+  optimizer_state: str = 'f32_master'  # what train.py builds; or 'param_dtype'
 
 
 def estimate(c: model_lib.ModelConfig, run: Run) -> dict[str, float]:
@@ -157,7 +158,7 @@ def main(argv=None) -> str:
   parser.add_argument('--cache_len', type=int, default=None)
   parser.add_argument('--logprob_chunk', type=int, default=256)
   parser.add_argument('--reference_dtype', default='bfloat16')
-  parser.add_argument('--optimizer_state', default='param_dtype',
+  parser.add_argument('--optimizer_state', default='f32_master',
                       choices=('f32_master', 'param_dtype'))
   parser.add_argument('--hbm_gb', type=float, default=None, help='per-device memory')
   fields = {f.name: f for f in dataclasses.fields(model_lib.ModelConfig)}

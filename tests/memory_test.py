@@ -56,14 +56,15 @@ def test_sizes_match_the_real_arrays(kw):
   est = memory.estimate(c, run)
   assert est['param_count'] == sum(x.size for x in jax.tree.leaves(params))
   assert est['policy params'] == _bytes(params)
-  # What train.make_optimizer really builds: moments in the param dtype (+ tiny counters).
+  # Plain Adam on the bf16 params: moments in the param dtype (+ tiny counters).
   opt = jax.eval_shape(train.make_optimizer(1e-5, 1.0).init, params)
   assert 0 <= _bytes(opt) - est['Adam state'] <= 64
-  # A float32 master copy with float32 moments: 12 bytes per bf16 param.
-  master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
-  master_opt = jax.eval_shape(optax.adam(1e-5).init, master)
+  # What the trainer builds for bf16 params: a float32 master copy with float32 moments,
+  # 12 bytes per param.
+  opt32 = jax.eval_shape(train.make_optimizer(1e-5, 1.0, float32_master=True).init, params)
   est32 = memory.estimate(c, memory.Run(batch=3, seq_len=12, optimizer_state='f32_master'))
-  assert 0 <= _bytes(master) + _bytes(master_opt) - est32['Adam state'] <= 64
+  assert 0 <= _bytes(opt32) - est32['Adam state'] <= 64
+  assert memory.Run(batch=1, seq_len=1).optimizer_state == 'f32_master'
   cache = jax.eval_shape(lambda: model_lib.init_cache(c, 3, 12))
   assert est['KV cache'] == _bytes(cache)
 

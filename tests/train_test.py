@@ -87,3 +87,25 @@ def test_reference_is_a_bfloat16_copy_on_the_param_shardings(tmp_path):
     np.testing.assert_array_equal(np.asarray(r), np.asarray(p.astype(jnp.bfloat16)))
   config.rl.reference_dtype = 'float32'
   assert trainer.as_reference(params) is params  # same dtype: no copy
+
+
+def test_bfloat16_params_keep_a_float32_master_copy():
+  """Updates far below bfloat16's spacing accumulate in the master and reach the params;
+  applied to bfloat16 params directly they round away."""
+  params = {'w': jnp.ones((4,), jnp.bfloat16)}
+  grads = {'w': jnp.ones((4,), jnp.bfloat16)}
+  out = {}
+  for master in (True, False):
+    tx = train.make_optimizer(1e-4, 10.0, float32_master=master)  # ~1e-4 per step
+    p, state = params, tx.init(params)
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(grads, s, p)))
+    for _ in range(200):
+      p, state = step(p, state)
+    out[master] = (p, state)
+  p, state = out[True]
+  assert p['w'].dtype == jnp.bfloat16 and state.master['w'].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(state.master['w']), 1 - 200 * 1e-4, rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(p['w']),
+                                np.asarray(state.master['w'].astype(jnp.bfloat16)))
+  assert float(out[False][0]['w'][0]) == 1.0  # without the master: stuck at 1.0
