@@ -180,10 +180,10 @@ def test_registry_errors_and_overrides():
              for p in never.train_problems(rng, 300))
 
 
-def test_base_task_without_transcripts_raises():
+def test_base_task_without_a_student_raises():
   class Bare(ar.ArithmeticTask):
     name = 'bare'
-    base_transcripts = tasks.Task.base_transcripts
+    student = tasks.Task.student
 
   with pytest.raises(NotImplementedError, match='bare'):
     Bare().base_transcripts(np.random.default_rng(0), 1)

@@ -222,12 +222,6 @@ class ArithmeticTask(Task):
     return student_response(problem.meta['a'], problem.meta['b'], rng,
                             self.config.slip_prob, self.config.slip_min_carries)
 
-  def base_transcripts(self, rng: np.random.Generator,
-                       n: int) -> list[tuple[Problem, str, str]]:
-    """Two independent student attempts per problem: turn 2 is not a correction."""
-    return [(p, self.student(p, rng), self.student(p, rng))
-            for p in self.train_problems(rng, n)]
-
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """Prompts, student and correct responses, and the instruction, in rotation."""
     for i, p in enumerate(self.train_problems(rng, (n + 3) // 4)):

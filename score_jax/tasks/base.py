@@ -73,8 +73,15 @@ class Task(abc.ABC):
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """`n` texts for training a tokenizer that covers everything this task shows the model."""
 
-  def base_transcripts(self, rng: np.random.Generator,
-                       n: int) -> list[tuple[Problem, str, str]]:
-    """(problem, y1, y2) triples for supervised training of an embedded base model."""
+  def student(self, problem: Problem, rng: np.random.Generator) -> str:
+    """One attempt of a simulated student: what an embedded base model learns from."""
     raise NotImplementedError(
         f'task {self.name!r} has no embedded base model; start from pretrained weights')
+
+  def base_transcripts(self, rng: np.random.Generator,
+                       n: int) -> list[tuple[Problem, str, str]]:
+    """(problem, y1, y2) triples for supervised training of an embedded base model: two
+    independent student attempts, so turn 2 is a fresh try, not a correction (like a real
+    base model, the result does not self-correct)."""
+    return [(p, self.student(p, rng), self.student(p, rng))
+            for p in self.train_problems(rng, n)]

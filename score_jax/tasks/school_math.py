@@ -393,12 +393,6 @@ class SchoolMathTask(PooledGrading, Task):
       answer = wrong_answer(answer, rng)
     return FINAL_ANSWER_FORM.format(answer=answer)
 
-  def base_transcripts(self, rng: np.random.Generator,
-                       n: int) -> list[tuple[Problem, str, str]]:
-    """Two independent attempts per problem: turn 2 is a fresh try, not a correction."""
-    return [(p, self.student(p, rng), self.student(p, rng))
-            for p in self.train_problems(rng, n)]
-
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """Prompts, student and correct responses, and the instruction, in rotation."""
     for i, p in enumerate(self.train_problems(rng, (n + 3) // 4)):
