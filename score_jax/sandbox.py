@@ -374,14 +374,13 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
   other outcome (assertion, exception, early exit, signal, timeout) is passed=False.
   """
   mode = _isolation()
-  # Root drops to a per-run uid; in plain mode only if that uid can reach the stdlib.
-  root = os.geteuid() == 0 and (mode == 'root-namespaces' or
-                                (mode == 'plain' and _stdlib_exposure() is None))
-  uid = _next_uid() if root else None
-  if mode == 'plain' and os.geteuid() == 0 and uid is None:
+  root = os.geteuid() == 0
+  if mode == 'plain' and root and _stdlib_exposure() is not None:
     # Root ignores RLIMIT_NPROC: a fork bomb would be unbounded on the host. Refuse.
     return Result(False, 'error', 0.0, '', 'sandbox refuses to run: root without '
                   'namespaces, and the stdlib is unreachable for an unprivileged uid')
+  # Root drops to a per-run uid (userns already runs as the trainer's own, mapped uid).
+  uid = _next_uid() if root and mode != 'userns' else None
   nonce = secrets.token_hex(32).encode()
   workdir = tempfile.mkdtemp(prefix='score_sbx_')
   res_r, res_w = os.pipe()
@@ -394,8 +393,6 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
              cpu_s=max(1, int(round(limits.cpu_s))), as_bytes=limits.memory_mb << 20,
              fsize_bytes=limits.file_size_mb << 20, nproc=limits.max_processes)
   env = {'PATH': '/usr/bin:/bin', 'LANG': 'C.UTF-8', 'HOME': workdir, 'TMPDIR': workdir}
-  if root:
-    os.chown(workdir, uid, uid)
   out, err, result = _Tail(limits.output_bytes), _Tail(limits.output_bytes), bytearray()
   start = time.monotonic()
   try:
@@ -463,8 +460,6 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
             nonce_w = None
         else:
           key.data.add(data)
-    for key in list(sel.get_map().values()):
-      sel.unregister(key.fileobj)
   # Everything of the run dies: the session (unshare + harness = pid 1 of the namespace,
   # whose death kills the rest of the namespace); in root plain mode the run's uid too.
   try:
@@ -500,9 +495,11 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
 
 
 def run_many(jobs: Sequence[tuple[str, str]], limits: Limits = Limits(),
-             max_parallel: int = os.cpu_count() or 1) -> list[Result]:
-  """`run_tests` on each (program, tests) pair, `max_parallel` children at a time, in order."""
+             max_parallel: int = 0) -> list[Result]:
+  """`run_tests` on each (program, tests) pair, `max_parallel` children at a time (0: one
+  per CPU), results in order."""
   if not jobs:
     return []
-  with concurrent.futures.ThreadPoolExecutor(max(1, min(max_parallel, len(jobs)))) as pool:
+  workers = max(1, min(max_parallel or os.cpu_count() or 1, len(jobs)))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     return list(pool.map(lambda job: run_tests(job[0], job[1], limits), jobs))

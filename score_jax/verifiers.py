@@ -17,8 +17,9 @@ at most `timeout_s + startup_grace_s` from dispatch (so a worker stuck while imp
 still caught). Three workers in a row lost before reading their item raise an error
 instead of being replaced forever (a broken start-up repeats in every replacement).
 
-Each worker leads its own process group, so killing it also kills any subprocess its
-verifier started (a code sandbox).
+Each worker leads its own process group, so killing it also kills subprocesses its
+verifier started in that group. (Code tasks do not use this pool: `sandbox.run_many`
+bounds each program itself, in its own session.)
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import numpy as np
 
 _START, _DONE, _ERROR = 'start', 'done', 'error'
 _MAX_STARTUP_FAILURES = 3
+_ZERO_STATS = dict(items=0, timeouts=0, errors=0, worker_restarts=0)
 
 
 def _worker_main(conn) -> None:
@@ -45,7 +47,7 @@ def _worker_main(conn) -> None:
   The function runs in this process's main thread, so verifiers may use `signal.alarm`.
   """
   try:
-    os.setpgrp()  # Own process group: the parent kills the group, sandbox children included.
+    os.setpgrp()  # Own process group: the parent kills the group, children included.
   except OSError:
     pass
   _die_with_parent()
@@ -139,9 +141,8 @@ class VerifierPool:
     self._ctx = multiprocessing.get_context(start_method)
     self._workers: list[_Worker] = []
     self._lock = threading.Lock()  # map() is not reentrant: one batch at a time.
-    self._stats = dict(items=0, timeouts=0, errors=0, worker_restarts=0)
+    self._stats = dict(_ZERO_STATS)
     self._startup_failures = 0  # Consecutive workers lost before starting an item.
-    self._closed = False
     self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
   @property
@@ -156,7 +157,6 @@ class VerifierPool:
     self.close()
 
   def close(self) -> None:
-    self._closed = True
     self._finalizer()
 
   # -- workers --------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class VerifierPool:
     `fn` must be picklable (a module-level function). Worst case (every item hangs) the
     call takes about `timeout_s * ceil(len(args) / num_workers)` plus worker restarts.
     """
-    if self._closed:
+    if not self._finalizer.alive:  # closed
       raise RuntimeError('VerifierPool.map called after close()')
     args = [tuple(a) for a in args]
     out_N = np.zeros(len(args), np.float32)
@@ -322,7 +322,7 @@ class PooledGrading:
   def verifier_stats(self) -> dict:
     """The pool's counts (items, timeouts, errors, worker_restarts), for metrics."""
     if self._pool is None:
-      return dict(items=0, timeouts=0, errors=0, worker_restarts=0)
+      return dict(_ZERO_STATS)
     return self._pool.stats
 
   def close(self):

@@ -153,8 +153,7 @@ def _entry_point(record: dict) -> str | None:
 def mbpp_problem(record: dict) -> Problem:
   return Problem(id=f'mbpp/{record["task_id"]}', prompt=record['text'], answer=record['code'],
                  meta={'source': 'mbpp', 'task_id': int(record['task_id']),
-                       'tests': mbpp_tests(record), 'test_list': list(record['test_list']),
-                       'entry_point': _entry_point(record)})
+                       'tests': mbpp_tests(record), 'entry_point': _entry_point(record)})
 
 
 def _merged(cfg: ml_collections.ConfigDict | None, name: str) -> ml_collections.ConfigDict:
@@ -181,8 +180,7 @@ class _SandboxRewards:
     if len(texts) != len(problems):
       raise ValueError(f'{len(texts)} responses for {len(problems)} problems')
     jobs = [self.program_and_tests(t, p) for t, p in zip(texts, problems)]
-    results = sandbox.run_many(jobs, self.limits,
-                               self.config.max_parallel or os.cpu_count() or 1)
+    results = sandbox.run_many(jobs, self.limits, self.config.max_parallel)
     return np.asarray([float(r.passed) for r in results], np.float32)
 
   def reward(self, response_text: str, problem: Problem) -> float:
@@ -213,18 +211,20 @@ class MBPPTask(_SandboxRewards, Task):
                        f'{missing} not in {self.config.fewshot_path or self.config.path!r} '
                        '(set `fewshot_path` to a file holding them)')
     self.fewshot = [shot_records[i] for i in FEWSHOT_IDS]
+    # Built once: training draws problems every step.
+    self.problems = {i: mbpp_problem(r) for i, r in self.records.items()}
 
   def train_problems(self, rng: np.random.Generator, n: int) -> list[Problem]:
     if not self.train_ids:
       raise ValueError(f'no MBPP problems in split {self.config.train_split!r}')
     picks = rng.choice(len(self.train_ids), n, replace=n > len(self.train_ids))
-    return [mbpp_problem(self.records[self.train_ids[i]]) for i in picks]
+    return [self.problems[self.train_ids[i]] for i in picks]
 
   def eval_problems(self, n: int) -> list[Problem]:
     if n > len(self.eval_ids):
       raise ValueError(f'asked for {n} eval problems; MBPP split '
                        f'{self.config.eval_split!r} has {len(self.eval_ids)}')
-    return [mbpp_problem(self.records[i]) for i in self.eval_ids[:n]]
+    return [self.problems[i] for i in self.eval_ids[:n]]
 
   def prompt(self, problem: Problem) -> str:
     return mbpp_prompt(self.records[problem.meta['task_id']], self.fewshot)
@@ -355,7 +355,7 @@ class MBPPRepair:
         tid = int(r['task_id'])
         if tid not in task.records:
           raise ValueError(f'{path}:{n}: task_id {tid} is not in the MBPP file')
-        problem = mbpp_problem(task.records[tid])
+        problem = task.problems[tid]
         episodes.append(RepairEpisode(problem, task.prompt(problem), r['first_attempt'],
                                       task.correction_instruction))
     self.episodes = episodes
