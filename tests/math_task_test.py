@@ -149,6 +149,17 @@ def test_tfds_build_and_read_back_without_tensorflow(tmp_path):
     make(format='tfds', tfds_data_dir=str(tmp_path)).eval_problems(1)
 
 
+def test_tfds_auto_format_drops_train_problems_that_are_eval_problems(tmp_path):
+  from score_jax.tasks import math_tfds
+  train = make(train_path=os.path.join(ORIGINAL, 'train')).train_split
+  overlap = tmp_path / 'eval.jsonl'  # an eval set holding one training problem
+  overlap.write_text(json.dumps(dict(problem=train[0].prompt, answer=train[0].answer)) + '\n')
+  data_dir = str(tmp_path / 'tfds')
+  math_tfds.build(data_dir, train_path=os.path.join(ORIGINAL, 'train'), eval_path=str(overlap))
+  auto = make(tfds_data_dir=data_dir)  # format 'auto' resolves to tfds
+  assert [p.prompt for p in auto.train_split] == [p.prompt for p in train[1:]]
+
+
 def test_problem_records_are_plain_problems():
   p = make(eval_path=JSONL).eval_problems(1)[0]
   assert isinstance(p, Problem) and set(p.meta) == {'level', 'subject', 'solution'}

@@ -44,6 +44,7 @@ CORRECTION_INSTRUCTION = (
     'question. Please correct the error, if any, and rewrite the solution. Only output the '
     'final solution! At the end of the Solution, when you give your final answer, write it '
     'in the form "Final Answer: The final answer is $answer$. I hope it is correct."')
+FINAL_ANSWER_FORM = 'Final Answer: The final answer is ${answer}$. I hope it is correct.'
 FORMATS = ('auto', 'math_json', 'jsonl', 'tfds')
 
 
@@ -97,54 +98,54 @@ def _numeric_first(name: str):
 
 def load_math_json(split_dir: str) -> list[Problem]:
   """The original release's `<split_dir>/<subject>/<id>.json` files, in sorted order."""
-  problems, unboxed = [], []
-  for subject in sorted(os.listdir(split_dir)):
-    sub_dir = os.path.join(split_dir, subject)
-    if not os.path.isdir(sub_dir):
-      continue
-    for name in sorted((n for n in os.listdir(sub_dir) if n.endswith('.json')),
-                       key=_numeric_first):
-      path = os.path.join(sub_dir, name)
-      with open(path, encoding='utf-8') as f:
-        try:
-          record = json.load(f)
-        except json.JSONDecodeError as e:
-          raise ValueError(f'{path}:{e.lineno}: malformed JSON ({e.msg})') from None
-      record.setdefault('type', subject)
-      p = _problem(record, f'{os.path.basename(split_dir)}/{subject}/{name}', path)
-      if p:
-        problems.append(p)
-      else:
-        unboxed.append(path)
-  _warn_unboxed(unboxed)
-  return problems
+  def records():
+    for subject in sorted(os.listdir(split_dir)):
+      sub_dir = os.path.join(split_dir, subject)
+      if not os.path.isdir(sub_dir):
+        continue
+      for name in sorted((n for n in os.listdir(sub_dir) if n.endswith('.json')),
+                         key=_numeric_first):
+        path = os.path.join(sub_dir, name)
+        with open(path, encoding='utf-8') as f:
+          try:
+            record = json.load(f)
+          except json.JSONDecodeError as e:
+            raise ValueError(f'{path}:{e.lineno}: malformed JSON ({e.msg})') from None
+        record.setdefault('type', subject)
+        yield record, f'{os.path.basename(split_dir)}/{subject}/{name}', path
+  return _collect(records())
 
 
 def load_jsonl(path: str) -> list[Problem]:
   """One JSON object per line (MATH500 layout); blank lines are skipped."""
+  def records():
+    with open(path, encoding='utf-8') as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        where = f'{path}:{lineno}'
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f'{where}: malformed JSON ({e.msg})') from None
+        yield record, f'{os.path.basename(path)}:{lineno}', where
+  return _collect(records())
+
+
+def _collect(records) -> list[Problem]:
+  """Problems from (record, id, where) triples; those without a reference answer (no
+  \\boxed{} in the solution) are skipped with one warning naming a few."""
   problems, unboxed = [], []
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{lineno}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: malformed JSON ({e.msg})') from None
-      p = _problem(record, f'{os.path.basename(path)}:{lineno}', where)
-      if p:
-        problems.append(p)
-      else:
-        unboxed.append(where)
-  _warn_unboxed(unboxed)
-  return problems
-
-
-def _warn_unboxed(where: list[str]) -> None:
-  if where:
+  for record, pid, where in records:
+    p = _problem(record, pid, where)
+    if p:
+      problems.append(p)
+    else:
+      unboxed.append(where)
+  if unboxed:
     logging.warning('skipped %d MATH problems without a reference answer (no \\boxed{} '
-                    'in the solution), e.g. %s', len(where), ', '.join(where[:3]))
+                    'in the solution), e.g. %s', len(unboxed), ', '.join(unboxed[:3]))
+  return problems
 
 
 def resolve_format(fmt: str, path: str, tfds_data_dir: str) -> str:
@@ -215,6 +216,11 @@ class MathTask(PooledGrading, Task):
                        f'{tuple(self.config.levels)}, subjects={tuple(self.config.subjects)}')
     return kept
 
+  def _has_split(self, path: str) -> bool:
+    """A split is given by its path, or by the tfds dataset (also when `format` is auto)."""
+    return bool(path) or resolve_format(self.config.format, path,
+                                        self.config.tfds_data_dir) == 'tfds'
+
   @functools.cached_property
   def eval_split(self) -> list[Problem]:
     return self._split(self.config.eval_path, 'test')
@@ -223,7 +229,7 @@ class MathTask(PooledGrading, Task):
   def train_split(self) -> list[Problem]:
     """Training problems minus any whose text is also an eval problem (MATH500 overlap)."""
     train = self._split(self.config.train_path, 'train')
-    if not (self.config.eval_path or self.config.format == 'tfds'):
+    if not self._has_split(self.config.eval_path):
       return train
     held_out = {_text_key(p.prompt) for p in self.eval_split}
     kept = [p for p in train if _text_key(p.prompt) not in held_out]
@@ -260,11 +266,10 @@ class MathTask(PooledGrading, Task):
 
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """Prompts, reference solutions, final-answer lines and the instruction, in rotation."""
-    source = self.train_split if self.config.train_path or self.config.format == 'tfds' \
-        else self.eval_split
+    source = self.train_split if self._has_split(self.config.train_path) else self.eval_split
     texts = []
     for p in (source[i] for i in rng.integers(0, len(source), (n + 3) // 4)):
       texts += [self.prompt(p), p.meta['solution'] or p.answer,
-                f'Final Answer: The final answer is ${p.answer}$. I hope it is correct.',
+                FINAL_ANSWER_FORM.format(answer=p.answer),
                 self.correction_instruction]
     yield from texts[:n]

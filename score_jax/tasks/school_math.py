@@ -50,18 +50,14 @@ import ml_collections
 import numpy as np
 
 from score_jax.tasks.base import Problem, Task, merge_config
+# The SCORE.md math forms, one home for both math tasks.
+from score_jax.tasks.math import CORRECTION_INSTRUCTION, FINAL_ANSWER_FORM
 from score_jax.verifiers import PooledGrading
 
-CORRECTION_INSTRUCTION = (
-    'There might be an error in the solution above because of lack of understanding of the '
-    'question. Please correct the error, if any, and rewrite the solution. Only output the '
-    'final solution! At the end of the Solution, when you give your final answer, write it '
-    'in the form "Final Answer: The final answer is $answer$. I hope it is correct."')
 PROMPT_TEMPLATE = (
     'Solve the following math problem step by step, as a math expert. At the end, write '
     'your final answer in the form "Final Answer: The final answer is $answer$. I hope it '
     'is correct."\n\nProblem: {question}')
-FINAL_ANSWER_FORM = 'Final Answer: The final answer is ${answer}$. I hope it is correct.'
 
 DEFAULT_MODULES = ('algebra__linear_1d', 'arithmetic__add_or_sub', 'arithmetic__mul',
                    'numbers__gcd', 'calculus__differentiate')
