@@ -181,23 +181,24 @@ def load_checkpoint(path: str, model_config: model_lib.ModelConfig, shardings=No
   except Exception as e:
     raise CheckpointImportError(f'{path}: Orbax restore failed: {type(e).__name__}: {e}') from e
 
+  rows = dict(zip(paths, (x.shape[0] for x in jax.tree.leaves(abstract))))
   leaves = []
   for p in paths:
     key, _, fix = recipes[p]
     x = restored
     for k in key:
       x = x[k]
-    if fix == 'transpose':
-      x = jax.jit(lambda a: a.transpose(0, 2, 1), out_shardings=by_path[p])(x)
+    if fix == 'transpose':  # Module-level functions: jit caches them across params.
+      x = jax.jit(_swap_last_two, out_shardings=by_path[p])(x)
     elif fix == 'truncate':
-      x = jax.jit(lambda a, n=abstract_shape(abstract, p)[0]: a[:n],
-                  out_shardings=by_path[p])(x)
+      x = jax.jit(_first_rows, static_argnums=1, out_shardings=by_path[p])(x, rows[p])
     leaves.append(x)
   return jax.tree.unflatten(treedef, leaves)
 
 
-def abstract_shape(abstract, path: str) -> tuple[int, ...]:
-  node = abstract
-  for k in path.split('/'):
-    node = node[k]
-  return tuple(node.shape)
+def _swap_last_two(x):  # [2, F, D] -> [2, D, F]
+  return x.transpose(0, 2, 1)
+
+
+def _first_rows(x, n: int):  # padded vocabulary rows dropped
+  return x[:n]

@@ -241,7 +241,9 @@ def exact_value(s: str) -> fractions.Fraction | None:
   (`\\frac{3}{4}`, `\\frac34`, `3/4`, signs anywhere), mixed numbers (`3\\frac{1}{2}`)
   and scientific notation (`3.2\\times10^{-3}`, `1.5e8`).
   """
-  s = _squash(s).strip('()') if re.fullmatch(r'\([^(),]*\)', _squash(s)) else _squash(s)
+  s = _squash(s)
+  if re.fullmatch(r'\([^(),]*\)', s):
+    s = s.strip('()')
   F = fractions.Fraction
   if re.fullmatch(_NUM, s):
     return F(s)

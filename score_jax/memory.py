@@ -174,8 +174,14 @@ def main(argv=None) -> str:
     raw = getattr(args, name)
     if raw is not None:
       default = f.default if f.default is not dataclasses.MISSING else 0
-      values[name] = (raw.lower() in ('1', 'true') if isinstance(default, bool)
-                      else type(default)(raw) if isinstance(default, (int, float)) else raw)
+      if isinstance(default, bool):
+        values[name] = raw.lower() in ('1', 'true')
+      elif isinstance(default, (int, float)):
+        values[name] = type(default)(raw)
+      elif default is None:  # optional numbers: window, soft-caps, query scalar
+        values[name] = None if raw.lower() == 'none' else float(raw) if '.' in raw else int(raw)
+      else:
+        values[name] = raw
   try:
     config = model_lib.ModelConfig(**values)
   except TypeError as e:

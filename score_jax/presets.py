@@ -11,8 +11,9 @@ Sources, cross-checked field by field:
 Vocabulary: the Hugging Face checkpoints' sizes, which `import_hf` loads as is: 256_000
 (Gemma 1/2), 262_144 (Gemma 3 1B) and 262_208 (Gemma 3 4B/12B/27B: the multimodal
 checkpoints' text tower keeps 64 image tokens). Gemma's own Orbax checkpoints pad
-differently (256_128 for Gemma 1/2, 262_144 for Gemma 3 [ref]); `import_gemma` must
-override `vocab_size` with the checkpoint's embedding rows.
+differently (256_128 for Gemma 1/2, 262_144 for Gemma 3 [ref]); the pipeline imports them
+with `truncate_vocab=True` (extra rows dropped), and a checkpoint with fewer rows than
+`vocab_size` needs `--config.model.vocab_size` set to its rows.
 Layout: our `mlp/gating_einsum` is always [2, D, F]; [ref] stores it transposed
 ([2, F, D]) for Gemma 2 9B/27B and Gemma 3 (`transpose_gating_einsum=True`).
 """

@@ -119,3 +119,13 @@ def test_presets_by_name():
                2) == 2.61
   assert round(memory.param_count(model_lib.ModelConfig(**presets.get('gemma2_9b'))) / 1e9,
                2) == 9.24
+
+
+def test_cli_reads_optional_numeric_fields():
+  """Window, soft-caps and query scalar default to None; the CLI must give them numbers."""
+  args = ['--vocab_size=1000', '--embed_dim=64', '--hidden_dim=128', '--num_layers=2',
+          '--num_heads=4', '--num_kv_heads=1', '--head_dim=16', '--batch=16', '--seq_len=64']
+  local = memory.main(args + ['--local_global_pattern=2', '--sliding_window_size=32',
+                              '--attn_logits_soft_cap=50.0'])
+  plain = memory.main(args)
+  assert 'policy params' in local and local.splitlines()[1:] == plain.splitlines()[1:]
