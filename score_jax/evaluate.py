@@ -204,6 +204,15 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> N
 # ---------------------------------------------------------------------------------------
 # Evaluation driven by rollouts (added with the trainer).
 
+def padded_batches(items: Sequence, batch_size: int):
+  """(start, batch, n): consecutive batches of `batch_size`, the last padded with repeats
+  of its final item so every compiled call has one shape; only the first n are real."""
+  for start in range(0, len(items), batch_size):
+    batch = list(items[start:start + batch_size])
+    n = len(batch)
+    yield start, batch + [batch[-1]] * (batch_size - n), n
+
+
 def evaluate_policy(rollout_fn: Callable, problems: Sequence, batch_size: int,
                     transcripts_path: str | os.PathLike, num_transcripts: int) -> dict:
   """Self-correction metrics over `problems`, batch by batch, plus sample transcripts.
@@ -213,10 +222,7 @@ def evaluate_policy(rollout_fn: Callable, problems: Sequence, batch_size: int,
   """
   import jax  # Kept local: the metric functions above are NumPy-only.
   r1, r2, y1, y2, t1, t2, rows = [], [], [], [], [], [], []
-  for start in range(0, len(problems), batch_size):
-    batch = list(problems[start:start + batch_size])
-    n = len(batch)
-    batch += [batch[-1]] * (batch_size - n)
+  for start, batch, n in padded_batches(problems, batch_size):
     _, s = rollout_fn(batch, jax.random.key(start))
     r1 += list(s['r1'][:n]); r2 += list(s['r2'][:n])
     y1 += s['tokens1'][:n]; y2 += s['tokens2'][:n]

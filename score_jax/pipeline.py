@@ -10,6 +10,7 @@ How a run starts, phase by phase (big_vision style, decided once here):
      then saved as `<workdir>/base/0`), Stage I from the base,
      Stage II from Stage I's final params. The frozen reference is always the base.
 """
+import functools
 import json
 import os
 
@@ -71,12 +72,14 @@ def _import_base(trainer: Trainer):
       check_model_matches(trainer.model.config, import_hf.load_config(b.checkpoint),
                           b.checkpoint)
     return import_hf.load_safetensors(b.checkpoint, trainer.model.config,
-                                      shardings=trainer.param_sh)
+                                      shardings=trainer.param_sh,
+                                      abstract=trainer.abstract_params)
   if b.source == "gemma":
     from score_jax import import_gemma
     # Released checkpoints pad the embedding to 256,128 rows; the tokenizer has 256,000.
     return import_gemma.load_checkpoint(b.checkpoint, trainer.model.config,
-                                        shardings=trainer.param_sh, truncate_vocab=True)
+                                        shardings=trainer.param_sh, truncate_vocab=True,
+                                        abstract=trainer.abstract_params)
   raise ValueError(f"config.base.source={b.source!r}: unknown")
 
 
@@ -132,25 +135,30 @@ def evaluate_phase(trainer: Trainer, name: str, params, step=None) -> dict:
   return result
 
 
-def evaluate_repair(trainer: Trainer, name: str, params, path: str) -> dict:
-  """MBPP-R (SCORE.md): the model corrects given first attempts, greedily; only the
-  correction is scored. The context is built exactly like a live turn 2."""
+@functools.lru_cache(maxsize=None)
+def _repair_set(task, path: str):
+  """(MBPP-R episodes, accuracy of their given first attempts), built and sandboxed once
+  per run rather than at every phase's evaluation."""
   from score_jax.tasks import code  # Code tasks only.
-  task, tok, fmt = trainer.task, trainer.tok, trainer.fmt
   mbpp = getattr(task, "mbpp", task)
   if not isinstance(mbpp, code.MBPPTask):
     raise ValueError(f"config.eval.repair_path needs an MBPP-based code task (mbpp, or "
                      f"humaneval with train_path); the task is {task.name!r}")
   repair = code.MBPPRepair(mbpp, path)
+  return repair, float(repair.first_attempt_rewards().mean())
+
+
+def evaluate_repair(trainer: Trainer, name: str, params, path: str) -> dict:
+  """MBPP-R (SCORE.md): the model corrects given first attempts, greedily; only the
+  correction is scored. The context is built exactly like a live turn 2."""
+  task, tok, fmt = trainer.task, trainer.tok, trainer.fmt
+  repair, given_acc = _repair_set(task, path)
   turn_end = trainer.stop_ids[-1]  # What ends a sampled y1: EOS, or <end_of_turn> in chat.
   contexts = [[tok.bos_id] + tok.encode(fmt.prompt_text(task, e.problem)) +
               tok.encode(e.first_attempt) + [turn_end] + trainer.instr.tolist()
               for e in repair.episodes]
-  batch_size, texts = trainer.config.eval.batch_size, []
-  for start in range(0, len(contexts), batch_size):
-    batch = contexts[start:start + batch_size]
-    n = len(batch)
-    batch += [batch[-1]] * (batch_size - n)  # One shape: no recompile for the last batch.
+  texts = []
+  for start, batch, n in evaluate.padded_batches(contexts, trainer.config.eval.batch_size):
     y2 = trainer.second_turns(params, batch, sampling.SampleParams.create(0.0),
                               jax.random.key(start))
     texts += [tok.decode(t) for t in data.response_tokens(y2)[:n]]
@@ -160,7 +168,7 @@ def evaluate_repair(trainer: Trainer, name: str, params, path: str) -> dict:
       (dict(id=e.problem.id, first_attempt=e.first_attempt, y2=t, r2=r)
        for e, t, r in zip(repair.episodes, texts, rewards)))
   return dict(repair_acc=float(rewards.mean()), repair_n=len(rewards),
-              repair_given_acc=float(repair.first_attempt_rewards().mean()))
+              repair_given_acc=given_acc)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
