@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The task (score_jax/tasks/): name plus the task's own fields (paths, generator options).
   c.task = ml_collections.ConfigDict(dict(
-      name="arithmetic", num_digits=2, slip_prob=0.7, slip_min_carries=2, eval_fraction=0.125))
+      name="arithmetic", num_digits=2, num_operands=2, slip_prob=0.7, slip_min_carries=2,
+      eval_fraction=0.125))
   # 'plain' (newlines) or 'gemma_chat' (instruction-tuned Gemma's turn markers; the
   # model's <end_of_turn> also stops a turn).
   c.prompt_format = "plain"
@@ -44,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   # directory, 'gemma' = an official Flax/Orbax Gemma checkpoint, 'checkpoint' = our own
   # Orbax directory (all at `checkpoint`); 'init' = random weights (smoke tests).
   c.base = ml_collections.ConfigDict(dict(
-      source="sft", checkpoint="", steps=800, batch_size=32, learning_rate=3e-3,
+      source="sft", checkpoint="", steps=800, batch_size=64, learning_rate=3e-3,
       warmup_steps=100, weight_decay=0.0))
 
   # Two-turn sampling during training (evaluation is greedy). Lengths in tokens;

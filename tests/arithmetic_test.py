@@ -45,6 +45,44 @@ def test_response_format_on_hand_example():
       'There might be an error in the answer above. Check it and correct it if needed.')
 
 
+@pytest.mark.parametrize('xs,carries,carry_free,check', [
+    ((37, 25, 49), 2, 91, '7+5+9=21, 3+2+4+2=11 so 111'),
+    ((99, 99, 99, 99), 2, 66, '9+9+9+9=36, 9+9+9+9+3=39 so 396'),  # carry of 3
+    ((10, 20, 30), 0, 60, '0+0+0=0, 1+2+3=6 so 60'),
+    ((5, 5, 5, 5, 5), 1, 5, '5+5+5+5+5=25 so 25'),
+])
+def test_several_operands_on_hand_examples(xs, carries, carry_free, check):
+  assert ar.count_carries(*xs) == carries
+  assert ar.carry_free_sum(*xs) == carry_free
+  assert ar.check_text(*xs) == check
+  assert ar.correct_response(*xs) == f'Answer {sum(xs)}. Check {check}.'
+
+
+def test_several_operands_split_problems_and_student():
+  task = _task(num_digits=2, num_operands=3, slip_prob=0.0)
+  held_out = task._eval_tuples
+  assert held_out.shape[1] == 3
+  assert 0.095 < len(held_out) / 90**3 < 0.105
+  eval_ids = {'+'.join(map(str, xs)) for xs in held_out}
+  train = task.train_problems(np.random.default_rng(6), 20_000)
+  assert not eval_ids & {p.id for p in train}
+  rng = np.random.default_rng(7)
+  for p in train[:500]:
+    assert p.prompt.count('+') == 2 and p.answer == str(sum(p.meta['operands']))
+    assert task.reward(task.student(p, rng), p) == 1.0  # slip_prob=0: always right.
+  # Too many tuples to list (90^4): sampled from a fixed seed, still held-out and stable.
+  four = _task(num_digits=2, num_operands=4)
+  assert four._eval_tuples is None
+  got = four.eval_problems(200)
+  assert [p.id for p in got] == [p.id for p in _task(num_digits=2, num_operands=4).eval_problems(200)]
+  assert all(four.is_eval(np.array([p.meta['operands']]))[0] for p in got)
+  # Two operands: the same split as the pair hash of earlier releases.
+  pairs = np.array([[347, 586], [0, 0], [12, 99]])
+  np.testing.assert_array_equal(ar.operands_hash(pairs), ar.pair_hash(pairs[:, 0], pairs[:, 1]))
+  with pytest.raises(ValueError, match='num_operands'):
+    _task(num_operands=1)
+
+
 @pytest.mark.parametrize('response,expected', [
     ('Answer 933. Check 7+6=13, 4+8+1=13, 3+5+1=9 so 933.', 1.0),
     ('Answer 933.', 1.0),
@@ -71,7 +109,7 @@ def test_student_work_is_always_right_and_slips_only_on_hard_problems():
   task = _task()
   rng = np.random.default_rng(0)
   for p in task.train_problems(rng, 2000):
-    a, b = p.meta['a'], p.meta['b']
+    a, b = p.meta['operands']
     y = task.student(p, rng)
     m = _RESPONSE_RE.fullmatch(y)
     assert m, y
@@ -120,12 +158,12 @@ def test_expected_base_accuracy_by_enumeration():
 
 def test_heldout_never_in_training():
   task = _task()
-  eval_ids = {f'{a}+{b}' for a, b in task._eval_pairs}
+  eval_ids = {f'{a}+{b}' for a, b in task._eval_tuples}
   assert 0.095 < len(eval_ids) / 810_000 < 0.105
   train = task.train_problems(np.random.default_rng(3), 50_000)
   assert len(train) == 50_000
   assert not eval_ids & {p.id for p in train}
-  assert all(100 <= p.meta['a'] <= 999 and 100 <= p.meta['b'] <= 999 for p in train)
+  assert all(all(100 <= x <= 999 for x in p.meta['operands']) for p in train)
 
 
 def test_eval_problems_deterministic_and_prefix_stable():
@@ -134,7 +172,7 @@ def test_eval_problems_deterministic_and_prefix_stable():
   assert [p.id for p in first] == [p.id for p in again]
   assert [p.id for p in _task().eval_problems(50)] == [p.id for p in first[:50]]
   assert len({p.id for p in first}) == 300
-  assert all(p.answer == str(p.meta['a'] + p.meta['b']) for p in first)
+  assert all(p.answer == str(sum(p.meta['operands'])) for p in first)
   # The split is a fixed function (splitmix64): pin it so it cannot drift silently.
   assert int(ar.pair_hash(0, 0)) == 0xE220A8397B1DCDAF
   assert int(ar.pair_hash(347, 586)) == 12507540800544150293
@@ -142,7 +180,7 @@ def test_eval_problems_deterministic_and_prefix_stable():
 
 def test_eval_problems_too_many_raises():
   task = _task(num_digits=1)
-  available = len(task._eval_pairs)
+  available = len(task._eval_tuples)
   assert len(task.eval_problems(available)) == available
   with pytest.raises(ValueError, match='held-out split'):
     task.eval_problems(available + 1)

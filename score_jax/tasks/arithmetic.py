@@ -56,7 +56,8 @@ _MAX_ENUMERATED_PAIRS = 4_000_000  # Above this, held-out pairs are sampled, not
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name='arithmetic',
-      num_digits=3,         # Both operands have exactly this many digits.
+      num_digits=3,         # Every operand has exactly this many digits.
+      num_operands=2,       # Numbers added.
       slip_prob=0.7,        # P(student claims the carry-free sum) on hard problems.
       slip_min_carries=2,   # A problem is hard when it has at least this many carries.
       eval_fraction=0.1,    # Share of (a, b) pairs held out for evaluation.
@@ -64,50 +65,52 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------------------------------
-# The arithmetic and the simulated student.
+# The arithmetic and the simulated student. Functions take the operands as *xs (two or more).
 
 
-def _columns(a: int, b: int) -> list[tuple[int, int, int]]:
-  """(x, y, carry_in) for each column, least significant first."""
-  width = max(len(str(a)), len(str(b)))
+def _columns(*xs: int) -> list[tuple[tuple[int, ...], int]]:
+  """(digits of the column, carry_in) for each column, least significant first."""
+  width = max(len(str(x)) for x in xs)
   cols, carry = [], 0
   for i in range(width):
-    x, y = a // 10**i % 10, b // 10**i % 10
-    cols.append((x, y, carry))
-    carry = int(x + y + carry >= 10)
+    digits = tuple(x // 10**i % 10 for x in xs)
+    cols.append((digits, carry))
+    carry = (sum(digits) + carry) // 10
   return cols
 
 
-def count_carries(a: int, b: int) -> int:
-  """Columns of a+b that carry (including a carry out of the top column)."""
-  return sum(x + y + c >= 10 for x, y, c in _columns(a, b))
+def count_carries(*xs: int) -> int:
+  """Columns of the sum that carry (including a carry out of the top column)."""
+  return sum(sum(d) + c >= 10 for d, c in _columns(*xs))
 
 
-def carry_free_sum(a: int, b: int) -> int:
-  """The classic slip: each column (x+y) % 10, carries dropped (347+586 -> 823)."""
-  return sum((x + y) % 10 * 10**i for i, (x, y, _) in enumerate(_columns(a, b)))
+def carry_free_sum(*xs: int) -> int:
+  """The classic slip: each column's digit sum % 10, carries dropped (347+586 -> 823)."""
+  return sum(sum(d) % 10 * 10**i for i, (d, _) in enumerate(_columns(*xs)))
 
 
-def check_text(a: int, b: int) -> str:
-  """The written column work, always correct: `7+6=13, 4+8+1=13, 3+5+1=9 so 933`."""
-  steps = [f'{x}+{y}{"+1" if c else ""}={x + y + c}' for x, y, c in _columns(a, b)]
-  return f'{", ".join(steps)} so {a + b}'
+def check_text(*xs: int) -> str:
+  """The written column work, always correct: `7+6=13, 4+8+1=13, 3+5+1=9 so 933`
+  (with three operands a carry can be 2: `7+5+9=21, 3+2+4+2=11 so 111`)."""
+  steps = [f'{"+".join(map(str, d))}{f"+{c}" if c else ""}={sum(d) + c}'
+           for d, c in _columns(*xs)]
+  return f'{", ".join(steps)} so {sum(xs)}'
 
 
-def format_response(a: int, b: int, claimed: int) -> str:
-  return f'Answer {claimed}. Check {check_text(a, b)}.'
+def format_response(xs, claimed: int) -> str:
+  return f'Answer {claimed}. Check {check_text(*xs)}.'
 
 
-def correct_response(a: int, b: int) -> str:
+def correct_response(*xs: int) -> str:
   """A self-consistent right answer."""
-  return format_response(a, b, a + b)
+  return format_response(xs, sum(xs))
 
 
-def student_response(a: int, b: int, rng: np.random.Generator, slip_prob: float = 0.7,
+def student_response(xs, rng: np.random.Generator, slip_prob: float = 0.7,
                      slip_min_carries: int = 2) -> str:
   """One attempt of the simulated student: right work, sometimes a slipped answer."""
-  slip = count_carries(a, b) >= slip_min_carries and rng.random() < slip_prob
-  return format_response(a, b, carry_free_sum(a, b) if slip else a + b)
+  slip = count_carries(*xs) >= slip_min_carries and rng.random() < slip_prob
+  return format_response(xs, carry_free_sum(*xs) if slip else sum(xs))
 
 
 def parse_answer(response_text: str) -> int | None:
@@ -134,8 +137,18 @@ def pair_hash(a, b) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def operands_hash(xs_NxK) -> np.ndarray:
+  """pair_hash folded over the operands (columns of `xs_NxK`); two operands: pair_hash."""
+  xs_NxK = np.asarray(xs_NxK)
+  h = xs_NxK[..., 0]
+  for k in range(1, xs_NxK.shape[-1]):
+    h = pair_hash(h, xs_NxK[..., k])
+  return h
+
+
 class ArithmeticTask(Task):
-  """`a + b` with `num_digits`-digit operands; see the module docstring."""
+  """`a + b (+ ...)`: `num_operands` operands of `num_digits` digits; see the module
+  docstring."""
 
   name = 'arithmetic'
   correction_instruction = CORRECTION_INSTRUCTION
@@ -144,6 +157,8 @@ class ArithmeticTask(Task):
     cfg = merge_config(default_config(), config)
     if not 1 <= cfg.num_digits <= 9:
       raise ValueError(f'num_digits must be in [1, 9], got {cfg.num_digits}')
+    if not 2 <= cfg.num_operands <= 6:
+      raise ValueError(f'num_operands must be in [2, 6], got {cfg.num_operands}')
     if not 0.0 < cfg.eval_fraction <= 0.5:
       raise ValueError(f'eval_fraction must be in (0, 0.5], got {cfg.eval_fraction}')
     if not 0.0 <= cfg.slip_prob <= 1.0:
@@ -154,60 +169,58 @@ class ArithmeticTask(Task):
 
   # -- problems ---------------------------------------------------------------------------
 
-  def is_eval(self, a, b):
-    return pair_hash(a, b) % np.uint64(self.eval_modulus) == 0
+  def is_eval(self, xs_NxK):
+    return operands_hash(xs_NxK) % np.uint64(self.eval_modulus) == 0
 
-  def make_problem(self, a: int, b: int) -> Problem:
-    a, b = int(a), int(b)
-    return Problem(id=f'{a}+{b}', prompt=f'{a}+{b}', answer=str(a + b),
-                   meta={'a': a, 'b': b, 'carries': count_carries(a, b)})
+  def make_problem(self, *xs: int) -> Problem:
+    xs = tuple(int(x) for x in xs)
+    return Problem(id='+'.join(map(str, xs)), prompt='+'.join(map(str, xs)), answer=str(sum(xs)),
+                   meta={'operands': xs, 'carries': count_carries(*xs)})
 
-  def _draw_pairs(self, rng: np.random.Generator, n: int, held_out: bool):
-    """`n` pairs (a_n, b_n) from the train or held-out side of the split, by rejection."""
-    a_out, b_out, have = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0
+  def _draw(self, rng: np.random.Generator, n: int, held_out: bool) -> np.ndarray:
+    """`n` operand tuples [n, num_operands] from the train or held-out side, by rejection."""
+    out, have = [np.zeros((0, self.config.num_operands), np.int64)], 0
     batch = int(n * 1.25 * (self.eval_modulus if held_out else 1)) + 64
     while have < n:
-      a = rng.integers(self.low, self.high, batch)
-      b = rng.integers(self.low, self.high, batch)
-      keep = self.is_eval(a, b) == held_out
-      a_out.append(a[keep])
-      b_out.append(b[keep])
-      have += int(keep.sum())
-    return np.concatenate(a_out)[:n], np.concatenate(b_out)[:n]
+      # Operand by operand, so two operands draw exactly the (a, b) of earlier releases.
+      xs = np.stack([rng.integers(self.low, self.high, batch)
+                     for _ in range(self.config.num_operands)], axis=1)
+      xs = xs[self.is_eval(xs) == held_out]
+      out.append(xs)
+      have += len(xs)
+    return np.concatenate(out)[:n]
 
   def train_problems(self, rng: np.random.Generator, n: int) -> list[Problem]:
-    a, b = self._draw_pairs(rng, n, held_out=False)
-    return [self.make_problem(x, y) for x, y in zip(a, b)]
+    return [self.make_problem(*xs) for xs in self._draw(rng, n, held_out=False)]
 
   @functools.cached_property
-  def _eval_pairs(self) -> np.ndarray | None:
-    """All held-out pairs in a fixed shuffled order, when there are few enough to list."""
+  def _eval_tuples(self) -> np.ndarray | None:
+    """All held-out operand tuples in a fixed shuffled order, when few enough to list."""
     side = np.arange(self.low, self.high)
-    if side.size**2 > _MAX_ENUMERATED_PAIRS:
+    if side.size**self.config.num_operands > _MAX_ENUMERATED_PAIRS:
       return None
-    a, b = (x.ravel() for x in np.meshgrid(side, side, indexing='ij'))
-    keep = self.is_eval(a, b)
-    pairs = np.stack([a[keep], b[keep]], axis=1)
-    return np.random.default_rng(_EVAL_SEED).permutation(pairs)
+    grids = np.meshgrid(*[side] * self.config.num_operands, indexing='ij')
+    xs = np.stack([g.ravel() for g in grids], axis=1)
+    return np.random.default_rng(_EVAL_SEED).permutation(xs[self.is_eval(xs)])
 
   def eval_problems(self, n: int) -> list[Problem]:
     """The first `n` held-out problems of a fixed order (so a prefix of any longer list)."""
-    pairs = self._eval_pairs
-    if pairs is None:
-      # Too many pairs to list: sample in fixed-size batches from a fixed seed (so the
+    tuples = self._eval_tuples
+    if tuples is None:
+      # Too many tuples to list: sample in fixed-size batches from a fixed seed (so the
       # order does not depend on n), dropping repeats.
       rng, seen, out = np.random.default_rng(_EVAL_SEED), set(), []
       while len(out) < n:
-        for x, y in zip(*self._draw_pairs(rng, 4096, held_out=True)):
-          if (x, y) not in seen:
-            seen.add((x, y))
-            out.append((x, y))
-      pairs = out
-    elif n > len(pairs):
+        for xs in map(tuple, self._draw(rng, 4096, held_out=True)):
+          if xs not in seen:
+            seen.add(xs)
+            out.append(xs)
+      tuples = out
+    elif n > len(tuples):
       raise ValueError(f'asked for {n} eval problems but the held-out split of '
-                       f'{self.config.num_digits}-digit addition has only {len(pairs)} '
-                       f'(eval_fraction={self.config.eval_fraction})')
-    return [self.make_problem(x, y) for x, y in pairs[:n]]
+                       f'{self.config.num_operands}-operand {self.config.num_digits}-digit '
+                       f'addition has only {len(tuples)} (eval_fraction={self.config.eval_fraction})')
+    return [self.make_problem(*xs) for xs in tuples[:n]]
 
   # -- text and reward ----------------------------------------------------------------------
 
@@ -219,13 +232,12 @@ class ArithmeticTask(Task):
     return float(claimed is not None and claimed == int(problem.answer))
 
   def student(self, problem: Problem, rng: np.random.Generator) -> str:
-    return student_response(problem.meta['a'], problem.meta['b'], rng,
-                            self.config.slip_prob, self.config.slip_min_carries)
+    return student_response(problem.meta['operands'], rng, self.config.slip_prob,
+                            self.config.slip_min_carries)
 
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """Prompts, student and correct responses, and the instruction, in rotation."""
     for i, p in enumerate(self.train_problems(rng, (n + 3) // 4)):
-      a, b = p.meta['a'], p.meta['b']
-      texts = (self.prompt(p), self.student(p, rng), correct_response(a, b),
+      texts = (self.prompt(p), self.student(p, rng), correct_response(*p.meta['operands']),
                self.correction_instruction)
       yield from texts[:n - 4 * i]
