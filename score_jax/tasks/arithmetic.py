@@ -8,6 +8,8 @@ Built so that self-correction can emerge from RL on a tiny model trained from sc
 
 The response states its answer first and then works the sum column by column from the
 least significant digit (`+1` marks a carry-in). The reward reads only the claimed answer.
+With more operands (`num_operands`) a carry can exceed 1:
+`Add 37+25+49.` -> `Answer 111. Check 7+5+9=21, 3+2+4+2=11 so 111.`
 
 The base model is trained (supervised) on a simulated student whose written check is
 always right but whose claimed answer, on problems with at least `slip_min_carries`
@@ -15,6 +17,12 @@ carries, is the carry-free digit-wise sum with probability `slip_prob`. Its mist
 therefore visible in its own work (`so 933` disagrees with `Answer 823`) and can be fixed
 by reading that work -- the premise of SCoRe. Turn 2 of a base transcript is an
 independent fresh attempt, as for a real base model, so the base does not self-correct.
+
+The slips are also what make the check worth reading: a check that sometimes disagrees
+with the answer must be computed from the operands. Without slips (slip_prob=0, tried
+with two- and three-operand sums) the demo-sized model learns to write a check that
+agrees with whatever it answered, bending digit sums to fit (`Answer 130. Check 3+8=10,
+7+5+1=13 so 130.` for 73+58), and turn 2 has nothing to read.
 
 Expected base accuracy with the defaults (num_digits=3, slip_prob=0.7, slip_min_carries=2).
 By enumeration of all 900*900 = 810,000 pairs of 3-digit numbers, the number of carries
@@ -50,7 +58,7 @@ CORRECTION_INSTRUCTION = (
 
 _ANSWER_RE = re.compile(r'\s*Answer (\d+)(?!\w)')
 _EVAL_SEED = 20240917  # Fixed: the held-out list must not depend on the run's seed.
-_MAX_ENUMERATED_PAIRS = 4_000_000  # Above this, held-out pairs are sampled, not enumerated.
+_MAX_ENUMERATED = 4_000_000  # Above this, held-out tuples are sampled, not enumerated.
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -60,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_operands=2,       # Numbers added.
       slip_prob=0.7,        # P(student claims the carry-free sum) on hard problems.
       slip_min_carries=2,   # A problem is hard when it has at least this many carries.
-      eval_fraction=0.1,    # Share of (a, b) pairs held out for evaluation.
+      eval_fraction=0.1,    # Share of operand tuples held out for evaluation.
   ))
 
 
@@ -174,7 +182,8 @@ class ArithmeticTask(Task):
 
   def make_problem(self, *xs: int) -> Problem:
     xs = tuple(int(x) for x in xs)
-    return Problem(id='+'.join(map(str, xs)), prompt='+'.join(map(str, xs)), answer=str(sum(xs)),
+    text = '+'.join(map(str, xs))
+    return Problem(id=text, prompt=text, answer=str(sum(xs)),
                    meta={'operands': xs, 'carries': count_carries(*xs)})
 
   def _draw(self, rng: np.random.Generator, n: int, held_out: bool) -> np.ndarray:
@@ -197,7 +206,7 @@ class ArithmeticTask(Task):
   def _eval_tuples(self) -> np.ndarray | None:
     """All held-out operand tuples in a fixed shuffled order, when few enough to list."""
     side = np.arange(self.low, self.high)
-    if side.size**self.config.num_operands > _MAX_ENUMERATED_PAIRS:
+    if side.size**self.config.num_operands > _MAX_ENUMERATED:
       return None
     grids = np.meshgrid(*[side] * self.config.num_operands, indexing='ij')
     xs = np.stack([g.ravel() for g in grids], axis=1)
