@@ -40,7 +40,8 @@ A model that always reads its own check would score 1.0.
 
 The CPU demo (configs/demo.py) uses num_digits=2, where 2,385 of the 8,100 pairs have
 two carries (53/180), so greedy decoding of a perfectly learned student scores
-127/180 = 70.6%; the tiny base model's own arithmetic errors move it from there.
+127/180 = 70.6%. The demo's base model writes a right check on ~99% of problems and
+scores 74-76.5% greedily (three seeds): it slips on most, not all, two-carry problems.
 """
 from __future__ import annotations
 
