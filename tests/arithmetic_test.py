@@ -76,9 +76,14 @@ def test_several_operands_split_problems_and_student():
   got = four.eval_problems(200)
   assert [p.id for p in got] == [p.id for p in _task(num_digits=2, num_operands=4).eval_problems(200)]
   assert all(four.is_eval(np.array([p.meta['operands']]))[0] for p in got)
-  # Two operands: the same split as the pair hash of earlier releases.
+  # Two operands: the same split and the same problems as earlier releases (values from
+  # the release before `num_operands`), so the demo's results carry over.
   pairs = np.array([[347, 586], [0, 0], [12, 99]])
   np.testing.assert_array_equal(ar.operands_hash(pairs), ar.pair_hash(pairs[:, 0], pairs[:, 1]))
+  demo = _task(num_digits=2, eval_fraction=0.125)
+  assert [p.id for p in demo.eval_problems(3)] == ['37+67', '20+72', '11+84']
+  assert [p.id for p in demo.train_problems(np.random.default_rng(0), 4)] == [
+      '86+57', '67+43', '56+37', '34+48']
   with pytest.raises(ValueError, match='num_operands'):
     _task(num_operands=1)
 
