@@ -10,7 +10,6 @@ cached decode. Needs torch + transformers (the test extra).
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -527,7 +527,7 @@ def _big_checkpoint(layers, d, f, n=4, k=1, h=64, v=1024):
 
 def _child(ckpt, layers, d, f):
   """Runs with 4 CPU devices: import, measure, then check a sharded import's shards."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh
   from score_jax import sharding as sharding_lib
   config = model_lib.ModelConfig(1024, d, f, layers, 4, 1, 64)
   abstract = import_hf.abstract_params(config)
