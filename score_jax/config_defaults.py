@@ -15,8 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   # The task (score_jax/tasks/): name plus the task's own fields (paths, generator options).
-  # slip_prob=0.9: the base rarely samples the right answer to a two-carry problem at
-  # either turn, so RL cannot simply reinforce it at turn 1, while turn 2 can read the
+  # slip_prob=0.9: the base rarely samples the right answer to a two-carry problem, so
+  # RL has little to reinforce at turn 1 and learns it slowly, while turn 2 can read the
   # check (with 0.7, Stage II learned the slip away at turn 1; README "What the numbers say").
   c.task = ml_collections.ConfigDict(dict(
       name="arithmetic", num_digits=2, num_operands=2, slip_prob=0.9, slip_min_carries=2,
