@@ -38,12 +38,11 @@ so P(>= 2 carries) = 422,775 / 810,000 = 1879/3600 = 0.52194. A slip is always w
 The held-out split is a hash-selected ~10% of pairs, so its rates match to within ~0.5%.
 A model that always reads its own check would score 1.0.
 
-The CPU demo (configs/demo.py) uses num_digits=2 and slip_prob=0.9. 2,385 of the 8,100
-pairs have two carries (53/180), so sampling the student gives Acc = 1 - 0.9 * 53/180
-= 73.5% and greedy decoding of a perfectly learned student 127/180 = 70.6%. The demo's
-base model scores 69.8-70.7% greedily (three seeds): it slips on nearly every two-carry
-problem and rarely samples their right answer, so turn 1 cannot simply learn it in
-Stage II (with slip_prob=0.7 it could; README, "What the numbers say").
+The CPU demo (configs/demo.py; values and why in score_jax/config_defaults.py) uses
+num_digits=2 and slip_prob=0.9. 2,385 of the 8,100 pairs have two carries (53/180), so
+sampling the student gives Acc = 1 - 0.9 * 53/180 = 73.5% and greedy decoding of a
+perfectly learned student 127/180 = 70.6%. The demo's base model scores 69.8-70.7%
+greedily (three seeds).
 """
 from __future__ import annotations
 
