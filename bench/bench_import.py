@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from score_jax import import_hf  # noqa: E402
+from score_jax.weights import hf as import_hf  # noqa: E402
 from score_jax import model as model_lib  # noqa: E402
 
 _ST = {np.dtype(ml_dtypes.bfloat16): 'BF16', np.dtype(np.float32): 'F32'}

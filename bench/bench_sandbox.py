@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from score_jax import sandbox
+from score_jax.tasks.rewards import sandbox
 from score_jax.tasks import code
 
 

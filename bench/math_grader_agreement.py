@@ -3,7 +3,7 @@
   python bench/math_grader_agreement.py
 
 Prints, side by side, the agreement of (a) plain math-verify (both answers wrapped in
-`\\boxed{}`, default settings) and (b) `score_jax.math_grader.is_equivalent`, per category
+`\\boxed{}`, default settings) and (b) `score_jax.tasks.rewards.math_grader.is_equivalent`, per category
 and overall, then every row where either disagrees with the label, with the row's note
 and, for our grader, its `known_miss` explanation.
 """
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from score_jax import math_grader
+from score_jax.tasks.rewards import math_grader
 
 LABELS = os.path.join(os.path.dirname(__file__), '..', 'tests', 'data',
                       'math_equiv_labels.jsonl')

@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from score_jax import data
+from score_jax.tasks import formats
 from score_jax import pipeline
 from score_jax import sharding
 from score_jax.tasks import known_tasks
@@ -46,7 +46,7 @@ def check_config(config, num_devices: int):
   """Fails early, naming the field, instead of deep inside a compiled function."""
   _one_of(config, "mode", ("train", "eval"))
   _one_of(config, "base.source", ("sft", "init", "checkpoint", "hf", "gemma"))
-  _one_of(config, "prompt_format", tuple(data.PROMPT_FORMATS))
+  _one_of(config, "prompt_format", tuple(formats.PROMPT_FORMATS))
   _one_of(config, "task.name", tuple(known_tasks()))
   _one_of(config, "rl.reference_dtype", ("float32", "bfloat16"))
   _one_of(config, "model.param_dtype", ("float32", "bfloat16"))

@@ -19,6 +19,7 @@ import numpy as np
 
 from score_jax import checkpoints
 from score_jax import data
+from score_jax.tasks import formats
 from score_jax import evaluate
 from score_jax import sampling
 from score_jax.model import ModelConfig
@@ -27,7 +28,7 @@ from score_jax.tokenizer import Tokenizer
 from score_jax.train import PHASES, Trainer
 
 
-def load_or_train_tokenizer(config, workdir: str, task, fmt: data.PromptFormat) -> Tokenizer:
+def load_or_train_tokenizer(config, workdir: str, task, fmt: formats.PromptFormat) -> Tokenizer:
   """The tokenizer at `config.tokenizer.path` (Gemma's tokenizer.model), else one trained
   here on the task's text into the workdir (kept, so a resumed run reuses it)."""
   if config.tokenizer.path:
@@ -52,7 +53,7 @@ def load_or_train_tokenizer(config, workdir: str, task, fmt: data.PromptFormat) 
 def build(config, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   task = get_task(config.task)
-  fmt = data.get_prompt_format(config.prompt_format)
+  fmt = formats.get_prompt_format(config.prompt_format)
   tok = load_or_train_tokenizer(config, workdir, task, fmt)
   if tok.vocab_size > config.model.vocab_size:
     raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
@@ -67,7 +68,7 @@ def _import_base(trainer: Trainer):
   if b.source == "checkpoint":  # Our own Orbax checkpoint directory.
     return trainer.restore_params(b.checkpoint)
   if b.source == "hf":
-    from score_jax import import_hf
+    from score_jax.weights import hf as import_hf
     if os.path.isdir(b.checkpoint):
       check_model_matches(trainer.model.config, import_hf.load_config(b.checkpoint),
                           b.checkpoint)
@@ -75,7 +76,7 @@ def _import_base(trainer: Trainer):
                                       shardings=trainer.param_sh,
                                       abstract=trainer.abstract_params)
   if b.source == "gemma":
-    from score_jax import import_gemma
+    from score_jax.weights import gemma as import_gemma
     # Released checkpoints pad the embedding to 256,128 rows; the tokenizer has 256,000.
     return import_gemma.load_checkpoint(b.checkpoint, trainer.model.config,
                                         shardings=trainer.param_sh, truncate_vocab=True,

@@ -19,7 +19,8 @@ import optax
 
 from score_jax import checkpoints
 from score_jax import data
-from score_jax import metrics as metrics_lib
+from score_jax.tasks import formats
+from score_jax import writers
 from score_jax import objective
 from score_jax import rollout
 from score_jax import sampling
@@ -149,7 +150,7 @@ class Trainer:
   """The edges: mesh, shardings, compiled functions, checkpoints and loops of every phase."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, tok, task,
-               fmt: data.PromptFormat = data.PromptFormat()):
+               fmt: formats.PromptFormat = formats.PromptFormat()):
     self.config, self.workdir, self.tok, self.task, self.fmt = config, workdir, tok, task, fmt
     self.mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     self.model = Transformer(ModelConfig.from_config(config.model))
@@ -159,7 +160,7 @@ class Trainer:
     self.param_sh = sharding.param_shardings(self.mesh, self.abstract_params, config.sharding_rules)
     self.instr = data.instruction_ids(tok, fmt, task)
     self.float32_master = jnp.dtype(config.model.param_dtype) != jnp.float32
-    self.stop_ids = data.stop_ids(tok, fmt)
+    self.stop_ids = formats.stop_ids(tok, fmt)
     r = config.rollout
     def two_turn(params, *args):
       return rollout.two_turn(self.model, {"params": params}, *args, max_len_1=r.max_len_1,
@@ -223,7 +224,7 @@ class Trainer:
     ref_sh = None if ref_params is None else self.param_sh
     jitted = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, self.batch_sh),
                      out_shardings=(state_sh, self.repl_sh), donate_argnums=0)
-    writer = metrics_lib.MetricWriter(self.workdir, name, steps, cfg.log_every)
+    writer = writers.MetricWriter(self.workdir, name, steps, cfg.log_every)
     try:
       for step in range(start, steps):
         t0 = time.time()

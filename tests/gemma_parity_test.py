@@ -18,7 +18,7 @@ import transformers
 torch.set_num_threads(1)  # Tiny models: threads only contend (measured 90x slower on 2 cores).
 
 from score_jax import checkpoints
-from score_jax import import_hf
+from score_jax.weights import hf as import_hf
 from score_jax import model as model_lib
 from score_jax import rollout
 from score_jax import sampling

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from score_jax import import_hf
+from score_jax.weights import hf as import_hf
 from score_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -415,7 +415,7 @@ def _gemma_config(variant, **kw):
 
 
 def test_orbax_nested_layout_round_trips_exactly(tmp_path):
-  from score_jax import import_gemma
+  from score_jax.weights import gemma as import_gemma
   config = _gemma_config('gemma3')
   params = _init_params(config)
   ckpt = _save_orbax({'transformer': params}, str(tmp_path / 'nested'))
@@ -428,7 +428,7 @@ def test_orbax_nested_layout_round_trips_exactly(tmp_path):
 
 def test_orbax_released_flat_layout(tmp_path):
   """bf16 arrays, [2,F,D] gating (Gemma 2 9B/27B, Gemma 3), padded vocab, image tower."""
-  from score_jax import import_gemma
+  from score_jax.weights import gemma as import_gemma
   config = _gemma_config('gemma2')
   params = _init_params(config, seed=3)
   flat = to_released_flat(jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params))
@@ -452,7 +452,7 @@ def test_orbax_released_flat_layout(tmp_path):
 
 
 def test_orbax_errors_name_the_array(tmp_path):
-  from score_jax import import_gemma
+  from score_jax.weights import gemma as import_gemma
   config = _gemma_config('gemma1')
   params = _init_params(config)
   flat = to_released_flat(params)
@@ -548,7 +548,7 @@ def _child(ckpt, layers, d, f):
             for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)))
 
   # Orbax: the released layout's [2,F,D] gating restored onto a [2,D,F] 'model' sharding.
-  from score_jax import import_gemma
+  from score_jax.weights import gemma as import_gemma
   config = _gemma_config('gemma2')
   small = _init_params(config)
   flat = to_released_flat(small)

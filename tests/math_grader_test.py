@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from score_jax import math_grader
+from score_jax.tasks.rewards import math_grader
 
 LABELS = os.path.join(os.path.dirname(__file__), 'data', 'math_equiv_labels.jsonl')
 # Measured 371/372 = 0.9973 (plain math-verify: 335/372 = 0.901; bench/math_grader_agreement.py).

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import import_hf
+from score_jax.weights import hf as import_hf
 from score_jax import memory
 from score_jax import model as model_lib
 from score_jax import train

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from score_jax import sandbox as sb
+from score_jax.tasks.rewards import sandbox as sb
 
 FAST = sb.Limits(cpu_s=1.0, wall_s=2.0, memory_mb=256, max_processes=16,
                  output_bytes=4_000)

@@ -77,7 +77,8 @@ def _tiny_hf_gemma2(directory, tokenizer):
 
 def test_math_config_with_an_imported_tiny_gemma2(tmp_path):
   from score_jax import data
-  from score_jax import math_grader
+  from score_jax.tasks import formats
+  from score_jax.tasks.rewards import math_grader
   from score_jax.tasks.math import MathTask
   from score_jax.tokenizer import Tokenizer
   import ml_collections
@@ -86,7 +87,7 @@ def test_math_config_with_an_imported_tiny_gemma2(tmp_path):
   task = MathTask(ml_collections.ConfigDict(dict(
       train_path=os.path.join(DATA, "math", "original", "train"),
       eval_path=os.path.join(DATA, "math", "math500_tiny.jsonl"), verifier_workers=2)))
-  fmt = data.get_prompt_format("gemma_chat")
+  fmt = formats.get_prompt_format("gemma_chat")
   rng = np.random.default_rng(0)
   texts = [fmt.instruction_text(task)] + [fmt.prompt_text(task, p) for p in task.eval_problems(4)]
   texts += [fmt.prompt_text(task, p) for p in task.train_problems(rng, 50)]

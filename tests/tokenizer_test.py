@@ -77,7 +77,8 @@ def test_vocab_too_small_is_a_clear_error(tmp_path):
 
 def test_chat_markers_are_single_pieces_and_missing_pieces_are_named(tmp_path):
   from score_jax import data
-  fmt = data.get_prompt_format('gemma_chat')
+  from score_jax.tasks import formats
+  fmt = formats.get_prompt_format('gemma_chat')
   texts = [f'<start_of_turn>user\nAdd {i}+{i}.<end_of_turn>\n<start_of_turn>model\n{2 * i}'
            for i in range(200)]
   tok = Tokenizer.train(texts, 40, tmp_path / 'chat.model',
@@ -85,7 +86,7 @@ def test_chat_markers_are_single_pieces_and_missing_pieces_are_named(tmp_path):
   end = tok.piece_id('<end_of_turn>')
   ids = tok.encode('<start_of_turn>user\nhi<end_of_turn>')
   assert ids[0] == tok.piece_id('<start_of_turn>') and ids[-1] == end
-  assert data.stop_ids(tok, fmt) == (tok.eos_id, end)
+  assert formats.stop_ids(tok, fmt) == (tok.eos_id, end)
   plain = Tokenizer.train(texts, 40, tmp_path / 'plain.model')
   with pytest.raises(ValueError, match='no piece .<end_of_turn>.'):
-    data.stop_ids(plain, fmt)
+    formats.stop_ids(plain, fmt)

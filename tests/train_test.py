@@ -67,6 +67,7 @@ def test_microbatches_are_strided_slices():
 def test_reference_is_a_bfloat16_copy_on_the_param_shardings(tmp_path):
   from score_jax import config_defaults
   from score_jax import data
+  from score_jax.tasks import formats
   from score_jax.tasks import get_task
   from score_jax.tokenizer import Tokenizer
 
@@ -74,7 +75,7 @@ def test_reference_is_a_bfloat16_copy_on_the_param_shardings(tmp_path):
   config.model.update(embed_dim=32, hidden_dim=64, num_layers=1, num_heads=2, head_dim=16)
   config.rl.reference_dtype = 'bfloat16'
   task = get_task(config.task)
-  texts = [data.transcript_text(data.PromptFormat(), task, p, y1, y2)
+  texts = [data.transcript_text(formats.PromptFormat(), task, p, y1, y2)
            for p, y1, y2 in task.base_transcripts(np.random.default_rng(0), 300)]
   tok = Tokenizer.train(texts, config.tokenizer.vocab_size, tmp_path / 'tok.model')
   trainer = train.Trainer(config, str(tmp_path), tok, task)

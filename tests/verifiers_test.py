@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from score_jax.verifiers import VerifierPool
+from score_jax.tasks.rewards.verifiers import VerifierPool
 
 
 def _square(x):

@@ -1,6 +1,6 @@
 """Code tasks: MBPP (3-shot), HumanEval (zero-shot; trained on MBPP), MBPP-R (repair).
 
-Rewards run the model's program and the problem's unit tests in `score_jax.sandbox`
+Rewards run the model's program and the problem's unit tests in `score_jax.tasks.rewards.sandbox`
 (never in this process); a reward is 1.0 only when the sandbox proves the tests ran to
 the end. `rewards` runs a whole batch in parallel.
 
@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from score_jax import sandbox
+from score_jax.tasks.rewards import sandbox
 from score_jax.tasks.base import Problem, Task, merge_config
 
 # SCORE.md "Prompts used in the paper", code correction instruction, verbatim.

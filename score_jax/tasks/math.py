@@ -31,9 +31,9 @@ from typing import Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from score_jax import math_grader
+from score_jax.tasks.rewards import math_grader
 from score_jax.tasks.base import Problem, Task, merge_config
-from score_jax.verifiers import PooledGrading
+from score_jax.tasks.rewards.verifiers import PooledGrading
 
 PROMPT_TEMPLATE = (
     'You are a math expert. Solve the following problem step by step. At the end of the '

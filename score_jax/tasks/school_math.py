@@ -52,7 +52,7 @@ import numpy as np
 from score_jax.tasks.base import Problem, Task, merge_config
 # The SCORE.md math forms, one home for both math tasks.
 from score_jax.tasks.math import CORRECTION_INSTRUCTION, FINAL_ANSWER_FORM
-from score_jax.verifiers import PooledGrading
+from score_jax.tasks.rewards.verifiers import PooledGrading
 
 PROMPT_TEMPLATE = (
     'Solve the following math problem step by step, as a math expert. At the end, write '

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from score_jax import import_hf
+from score_jax.weights import hf as import_hf
 from score_jax import model as model_lib
 from score_jax import sharding as sharding_lib
 

@@ -1,0 +1,1 @@
+"""Pretrained weights in and out: Hugging Face safetensors, official Gemma checkpoints."""
