@@ -20,10 +20,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from score_jax import config_defaults
 from score_jax import model as model_lib
+from score_jax import recipes
 from score_jax import sampling
 from score_jax import train
 
@@ -105,8 +106,7 @@ def rl_batch(rng, B, L):
   toks = np.where(valid, rng.integers(4, VOCAB, size=(B, L)), 0).astype(np.int32)
   return dict(tokens=jnp.asarray(toks), valid=jnp.asarray(valid),
               turn=jnp.asarray(np.concatenate(parts_t, 1)),
-              r1=jnp.asarray(rng.integers(0, 2, B).astype(np.float32)),
-              r2=jnp.asarray(rng.integers(0, 2, B).astype(np.float32)))
+              rewards=jnp.asarray(rng.integers(0, 2, (B, 2)).astype(np.float32)))
 
 
 def bench_sampler(model, params, a, peak, rng):
@@ -119,7 +119,7 @@ def bench_sampler(model, params, a, peak, rng):
   @jax.jit
   def cached(variables, prompt, prompt_valid, key, sample_params):
     state = sampling.start(model, variables, prompt, prompt_valid, cache_size=P + T)
-    return sampling.decode(model, variables, state, key, sample_params, T, NO_EOS)[1]
+    return sampling.decode(model, variables, state, key, sample_params, T, (NO_EOS,))[1]
 
   @jax.jit
   def recompute(variables, prompt, prompt_valid, key, sample_params):
@@ -168,15 +168,14 @@ def bench_train(model, params_np, a, peak, rng):
   tx = train.make_optimizer(1e-4, 1.0)
   fwd, _ = flops_per_token(cfg, params_np, L, passes=2)
   fwd_bwd, _ = flops_per_token(cfg, params_np, L, passes=6)
-  loss_cfg = ml_collections.ConfigDict(dict(  # configs/demo.py's Stage II
-      stage=2, alpha=10.0, beta1=0.01, beta2=0.01, kl_estimator='k1', baseline='rloo',
-      rloo_k=4, normalize_advantages=False))
+  config = config_defaults.get_config()  # configs/demo.py's Stage II
+  loss_cfg = recipes.resolve(config)[2].objective
   ref = jax.tree.map(jnp.array, params_np)
   steps = {
       'rl_step (Stage II)': (jax.jit(functools.partial(
           train.rl_step, model, tx, a.chunk, loss_cfg), donate_argnums=0), (ref,),
           fwd_bwd + fwd),
-      'sft_step': (jax.jit(functools.partial(train.sft_step, model, tx, a.chunk),
+      'sft_step': (jax.jit(functools.partial(train.sft_step, model, tx, a.chunk, ()),
                            donate_argnums=0), (None,), fwd_bwd),
   }
   for name, (step, extra, flops) in steps.items():

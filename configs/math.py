@@ -6,7 +6,7 @@ Put these on the machine first (nothing is downloaded; README "Real models and t
   weights/gemma-2-2b-it/   Hugging Face safetensors + config.json + tokenizer.model
   data/MATH/               the MATH release (train/<subject>/<id>.json, test/...)
   data/math500.jsonl       MATH500 (problem, answer, ...), the held-out evaluation split
-and point elsewhere with --config.base.checkpoint=... --config.task.train_path=... etc.
+and point elsewhere with --config.init.checkpoint=... --config.task.train_path=... etc.
 
 Sized for one TPU v4-8 host (4 chips x 32 GiB) or v5e-8 (8 chips x 16 GiB), with the
 paper's batch of 512 episodes (128 prompts x 4 samples for RLOO): the loss step takes it
@@ -25,12 +25,12 @@ def get_config():
   c = config_defaults.gemma_config("gemma2_2b", "weights/gemma-2-2b-it")
   c.task = ml_collections.ConfigDict(dict(
       name="math", train_path="data/MATH", eval_path="data/math500.jsonl"))
-  c.rollout.update(max_prompt_len=512, max_len_1=768, max_len_2=768, temperature=1.0)
+  c.rollout.update(max_prompt_len=512, max_len=768, temperature=1.0)
   # SCORE.md "Hyperparameters reported" (MATH): Adam, lr 5e-6, alpha 10, beta1 0.01,
   # beta2 0.1, training temperature 1.0; 3000 steps in all (split here 1000 / 2000).
   c.rl.update(num_prompts=128, samples_per_prompt=4, microbatches=32)
   c.rollout.batch_size = 64
-  c.stage1.update(steps=1000, learning_rate=5e-6, beta1=0.01, beta2=0.1)
-  c.stage2.update(steps=2000, learning_rate=5e-6, beta1=0.01, alpha=10.0)
+  c.phases.stage1.update(steps=1000, learning_rate=5e-6, kl_coefs=(0.1, 0.01))  # beta2, beta1
+  c.phases.stage2.update(steps=2000, learning_rate=5e-6, kl_coefs=(0.01,), alpha=10.0)
   c.eval.update(num_problems=500, batch_size=64, num_transcripts=100)
   return c

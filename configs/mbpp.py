@@ -19,12 +19,12 @@ def get_config():
   c = config_defaults.gemma_config("gemma2_2b", "weights/gemma-2-2b-it")
   c.task = ml_collections.ConfigDict(dict(name="humaneval", train_path="data/mbpp.jsonl"))
   # The 3-shot MBPP prompt is long; programs are short.
-  c.rollout.update(max_prompt_len=1024, max_len_1=512, max_len_2=512, temperature=1.0)
+  c.rollout.update(max_prompt_len=1024, max_len=512, temperature=1.0)
   # SCORE.md "Hyperparameters reported" (MBPP): Adam, lr 1e-5, alpha 10, beta1 0.01,
   # beta2 0.25, training temperature 1.0, batch 128; 1500 steps in all (500 / 1000).
   c.rl.update(num_prompts=32, samples_per_prompt=4, microbatches=8)
   c.rollout.batch_size = 64
-  c.stage1.update(steps=500, learning_rate=1e-5, beta1=0.01, beta2=0.25)
-  c.stage2.update(steps=1000, learning_rate=1e-5, beta1=0.01, alpha=10.0)
+  c.phases.stage1.update(steps=500, learning_rate=1e-5, kl_coefs=(0.25, 0.01))  # beta2, beta1
+  c.phases.stage2.update(steps=1000, learning_rate=1e-5, kl_coefs=(0.01,), alpha=10.0)
   c.eval.update(num_problems=164, batch_size=32, num_transcripts=50)
   return c

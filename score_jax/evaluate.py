@@ -1,15 +1,19 @@
-"""Self-correction metrics (SCORE.md): Acc@t1, Acc@t2, Δ, Δi→c, Δc→i, edit-distance ratio.
+"""Evaluation, in one place: the paper's metrics (SCORE.md), greedy evaluation of a phase's
+params on held-out problems, MBPP-R repair, and the report (table, JSON, plot, transcripts).
 
-Pure NumPy and Matplotlib; the rollout-driving evaluation goes at the end of this module.
+The metric and report functions are NumPy / Matplotlib only; the evaluation at the end
+drives `episodes.Episodes`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from rapidfuzz.distance import Levenshtein
 
 
 # ---------------------------------------------------------------------------------------
@@ -17,39 +21,11 @@ import numpy as np
 
 
 def edit_distance(a: Sequence, b: Sequence) -> int:
-  """Levenshtein distance (unit insert / delete / substitute) between two sequences.
-
-  Elements may be any hashables (token ids, characters). Myers' bit-parallel algorithm
-  in Hyyrö's formulation: one column of the DP table is a pair of bit vectors (Python
-  ints), so a pair of 40-token responses costs ~40 integer steps rather than 1600 cells.
-  """
+  """Levenshtein distance (unit insert / delete / substitute) between two sequences of
+  hashables (token ids, characters), by rapidfuzz (bit-parallel, in C)."""
   a = a.tolist() if isinstance(a, np.ndarray) else a
   b = b.tolist() if isinstance(b, np.ndarray) else b
-  if len(a) < len(b):
-    a, b = b, a  # Bit vectors over the shorter sequence.
-  m = len(b)
-  if m == 0:
-    return len(a)
-  peq: dict = {}  # element -> bit mask of its positions in b
-  for i, x in enumerate(b):
-    peq[x] = peq.get(x, 0) | (1 << i)
-  mask, high = (1 << m) - 1, 1 << (m - 1)
-  pv, mv, score = mask, 0, m  # vertical +1 / -1 deltas of the current column; D[m]
-  for x in a:
-    eq = peq.get(x, 0)
-    xv = eq | mv
-    xh = (((eq & pv) + pv) ^ pv) | eq
-    ph = mv | (~(xh | pv) & mask)
-    mh = pv & xh
-    if ph & high:
-      score += 1
-    elif mh & high:
-      score -= 1
-    ph = ((ph << 1) | 1) & mask  # Shift in +1: D[0][j] = j (global alignment).
-    mh = (mh << 1) & mask
-    pv = mh | (~(xv | ph) & mask)
-    mv = ph & xv
-  return score
+  return Levenshtein.distance(a, b)
 
 
 def edit_distance_ratio(a: Sequence, b: Sequence) -> float:
@@ -58,59 +34,92 @@ def edit_distance_ratio(a: Sequence, b: Sequence) -> float:
   return edit_distance(a, b) / total if total else 0.0
 
 
-def self_correction_metrics(r1: Sequence[float], r2: Sequence[float],
-                            y1_tokens: Sequence[Sequence[int]],
-                            y2_tokens: Sequence[Sequence[int]],
-                            truncated1: Sequence[bool],
-                            truncated2: Sequence[bool]) -> dict[str, float]:
-  """The SCORE.md metrics over n two-turn episodes; all fractions of the n problems.
+def _flips(right_B, later_B) -> dict[str, float]:
+  return {'delta': float(later_B.mean() - right_B.mean()),
+          'i2c': float((~right_B & later_B).mean()), 'c2i': float((right_B & ~later_B).mean())}
 
-  r1, r2: binary rewards per problem. y*_tokens: each response's tokens (the caller
-  decides whether EOS counts; be consistent). truncated*: no EOS within the budget.
+
+def self_correction_metrics(rewards_BxT, attempts: Sequence[Sequence[Sequence[int]]],
+                            truncated_TxB) -> dict[str, float]:
+  """The SCORE.md metrics over n episodes of T attempts; all fractions of the n problems.
+
+  rewards_BxT: binary rewards. attempts[t][b]: the tokens of attempt t+1 of episode b (the
+  caller decides whether the stop token counts; be consistent). truncated_TxB: no stop
+  token within the budget. Δ, Δi→c and Δc→i compare the first and the last attempt, the
+  conditional correction rate is P(right at the last | wrong at the first); with more than
+  two attempts each consecutive pair also gets `delta_t{t}_t{t+1}` etc. The edit-distance
+  ratio is taken between consecutive attempts (its mean and its share of zeros, which
+  is the share of copied attempts, over all pairs).
   """
-  r1 = np.asarray(r1, np.float64) > 0.5
-  r2 = np.asarray(r2, np.float64) > 0.5
-  n = len(r1)
-  if n == 0:
-    raise ValueError('self_correction_metrics needs at least one episode')
-  lengths = {len(r2), len(y1_tokens), len(y2_tokens), len(truncated1), len(truncated2)}
-  if lengths != {n}:
-    raise ValueError(f'inputs disagree on the number of episodes: {sorted(lengths | {n})}')
-  ratios = np.array([edit_distance_ratio(a, b) for a, b in zip(y1_tokens, y2_tokens)])
-  return {
-      'acc_t1': float(r1.mean()),
-      'acc_t2': float(r2.mean()),
-      'delta': float(r2.mean() - r1.mean()),
-      'delta_i2c': float((~r1 & r2).mean()),
-      'delta_c2i': float((r1 & ~r2).mean()),
-      'edit_ratio_mean': float(ratios.mean()),
-      'edit_ratio_zero_share': float((ratios == 0).mean()),
-      'truncated_t1': float(np.mean(np.asarray(truncated1, bool))),
-      'truncated_t2': float(np.mean(np.asarray(truncated2, bool))),
-      'n': n,
-  }
+  right_BxT = np.asarray(rewards_BxT, np.float64) > 0.5
+  if right_BxT.ndim != 2 or right_BxT.shape[0] == 0:
+    raise ValueError('self_correction_metrics needs rewards [n >= 1 episodes, T attempts]')
+  n, T = right_BxT.shape
+  truncated_TxB = np.asarray(truncated_TxB, bool)
+  sizes = {len(a) for a in attempts} | {truncated_TxB.shape[1]}
+  if len(attempts) != T or truncated_TxB.shape[0] != T or sizes != {n}:
+    raise ValueError(f'inputs disagree on the number of episodes or attempts: rewards {n}x{T}, '
+                     f'attempts {len(attempts)}x{sorted(sizes)}, truncated {truncated_TxB.shape}')
+  out = {f'acc_t{t + 1}': float(right_BxT[:, t].mean()) for t in range(T)}
+  flips = _flips(right_BxT[:, 0], right_BxT[:, -1])
+  out.update(delta=flips['delta'], delta_i2c=flips['i2c'], delta_c2i=flips['c2i'])
+  wrong_first = ~right_BxT[:, 0]
+  out['correct_given_wrong'] = (float(right_BxT[wrong_first, -1].mean()) if wrong_first.any()
+                                else 0.0)
+  ratios_PxB = np.array([[edit_distance_ratio(a, b) for a, b in zip(attempts[t], attempts[t + 1])]
+                         for t in range(T - 1)]).reshape(T - 1, n)
+  out['edit_ratio_mean'] = float(ratios_PxB.mean()) if T > 1 else 0.0
+  out['edit_ratio_zero_share'] = float((ratios_PxB == 0).mean()) if T > 1 else 0.0
+  if T > 2:
+    for t in range(T - 1):
+      pair = f't{t + 1}_t{t + 2}'
+      f = _flips(right_BxT[:, t], right_BxT[:, t + 1])
+      out.update({f'delta_{pair}': f['delta'], f'delta_i2c_{pair}': f['i2c'],
+                  f'delta_c2i_{pair}': f['c2i'], f'edit_ratio_{pair}': float(ratios_PxB[t].mean())})
+  out.update({f'truncated_t{t + 1}': float(truncated_TxB[t].mean()) for t in range(T)})
+  out['n'] = n
+  return out
+
+
+def edit_ratio_histogram(attempts, bins: int = 20) -> list[int]:
+  """Counts of consecutive-attempt edit ratios in `bins` equal bins of [0, 1] (the paper's
+  collapse figure: mass at 0 means attempts are copied)."""
+  ratios = [edit_distance_ratio(a, b) for t in range(len(attempts) - 1)
+            for a, b in zip(attempts[t], attempts[t + 1])]
+  return np.histogram(ratios, bins=bins, range=(0.0, 1.0))[0].tolist()
 
 
 # ---------------------------------------------------------------------------------------
 # Reporting.
 
-# (header, metric key, format); fractions are shown as percentages.
-_COLUMNS = (
-    ('Acc@t1', 'acc_t1', '{:.1f}'),
-    ('Acc@t2', 'acc_t2', '{:.1f}'),
+# (header, metric key, format); fractions are shown as percentages. Per-turn columns come
+# from `_turn_columns`.
+_FLIP_COLUMNS = (
     ('Δ', 'delta', '{:+.1f}'),
     ('Δi→c', 'delta_i2c', '{:.1f}'),
     ('Δc→i', 'delta_c2i', '{:.1f}'),
     ('edit', 'edit_ratio_mean', '{:.3f}'),
     ('edit=0', 'edit_ratio_zero_share', '{:.1f}'),
-    ('trunc1', 'truncated_t1', '{:.1f}'),
-    ('trunc2', 'truncated_t2', '{:.1f}'),
-    ('n', 'n', '{:d}'),
 )
 # Shown only when some model has them.
 _OPTIONAL_COLUMNS = (('MBPP-R', 'repair_acc', '{:.1f}'),)  # code tasks with eval.repair_path
-_PERCENT = {'acc_t1', 'acc_t2', 'delta', 'delta_i2c', 'delta_c2i', 'edit_ratio_zero_share',
-            'truncated_t1', 'truncated_t2', 'repair_acc'}
+
+
+def _turns(results: Mapping[str, Mapping[str, float]]) -> int:
+  return max(sum(k.startswith('acc_t') for k in m) for m in results.values())
+
+
+def _turn_columns(turns: int):
+  acc = tuple((f'Acc@t{t}', f'acc_t{t}', '{:.1f}') for t in range(1, turns + 1))
+  pairs = () if turns <= 2 else tuple(
+      (f'Δt{t}t{t + 1}', f'delta_t{t}_t{t + 1}', '{:+.1f}') for t in range(1, turns))
+  trunc = tuple((f'trunc{t}', f'truncated_t{t}', '{:.1f}') for t in range(1, turns + 1))
+  return acc, pairs, trunc
+
+
+def _is_fraction(key: str) -> bool:
+  return key.startswith(('acc_t', 'delta', 'truncated_t')) or key in (
+      'edit_ratio_zero_share', 'repair_acc', 'correct_given_wrong')
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
@@ -119,10 +128,12 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     if value is None:
       return '-'
     return fmt.format(int(value) if key == 'n' else
-                      100 * value if key in _PERCENT else value)
+                      100 * value if _is_fraction(key) else value)
 
-  columns = _COLUMNS + tuple(c for c in _OPTIONAL_COLUMNS
-                             if any(c[1] in m for m in results.values()))
+  acc, pairs, trunc = _turn_columns(_turns(results))
+  columns = acc + _FLIP_COLUMNS[:1] + pairs + _FLIP_COLUMNS[1:] + trunc + (
+      ('n', 'n', '{:d}'),) + tuple(c for c in _OPTIONAL_COLUMNS
+                                   if any(c[1] in m for m in results.values()))
   header = ['model'] + [h for h, _, _ in columns]
   rows = [[name] + [cell(k, f, m.get(k)) for _, k, f in columns]
           for name, m in results.items()]
@@ -161,8 +172,8 @@ def plot_table(results: Mapping[str, Mapping[str, float]], png_path: str | os.Pa
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  bars = (('Acc@t1', 'acc_t1'), ('Acc@t2', 'acc_t2'), ('Δi→c', 'delta_i2c'),
-          ('Δc→i', 'delta_c2i'))
+  bars = tuple((f'Acc@t{t}', f'acc_t{t}') for t in range(1, _turns(results) + 1)) + (
+      ('Δi→c', 'delta_i2c'), ('Δc→i', 'delta_c2i'))
   names = list(results)
   x = np.arange(len(names))
   width = 0.8 / len(bars)
@@ -190,6 +201,16 @@ def _json_default(x: Any):
   raise TypeError(f'not JSON serialisable: {type(x).__name__}')
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """One JSON document (NumPy values allowed), written atomically."""
+  def write(p):
+    with open(p, 'w', encoding='utf-8') as f:
+      json.dump(obj, f, indent=2, default=_json_default)
+
+  path, tmp = _atomic_path(path)
+  _replace(tmp, path, write)
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
   """One JSON object per line (NumPy values allowed), written atomically."""
   def write(p):
@@ -201,8 +222,19 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> N
   _replace(tmp, path, write)
 
 
+def report(out_dir: str, results: Mapping[str, Mapping[str, Any]]) -> str:
+  """table.json, table.png and the printed table of `results` (model -> metrics)."""
+  write_json(os.path.join(out_dir, 'table.json'), results)
+  plot_table(results, os.path.join(out_dir, 'table.png'))
+  table = format_table(results)
+  print(f'\nSelf-correction on held-out problems (greedy, {_turns(results)} attempts):\n{table}')
+  print(f'\nwritten: {out_dir}/table.json, {out_dir}/table.png, {out_dir}/transcripts_*.jsonl')
+  return table
+
+
 # ---------------------------------------------------------------------------------------
-# Evaluation driven by rollouts (added with the trainer).
+# Evaluation of params on held-out problems.
+
 
 def padded_batches(items: Sequence, batch_size: int):
   """(start, batch, n): consecutive batches of `batch_size`, the last padded with repeats
@@ -213,34 +245,89 @@ def padded_batches(items: Sequence, batch_size: int):
     yield start, batch + [batch[-1]] * (batch_size - n), n
 
 
-def evaluate_policy(rollout_fn: Callable, problems: Sequence, batch_size: int,
-                    transcripts_path: str | os.PathLike, num_transcripts: int) -> dict:
-  """Self-correction metrics over `problems`, batch by batch, plus sample transcripts.
+def transcript_rows(batch, n: int) -> list[dict]:
+  """The first n episodes of a scored `episodes.Batch` as readable rows."""
+  rows = []
+  for i in range(n):
+    p = batch.problems[i]
+    row = dict(id=p.id, problem=p.prompt, answer=p.answer)
+    for t in range(batch.turns):
+      row[f'y{t + 1}'] = batch.texts[t][i]
+      row[f'r{t + 1}'] = batch.rewards_BxT[i, t]
+    tokens = [batch.attempt_tokens(t)[i] for t in range(batch.turns)]
+    ratios = [edit_distance_ratio(a, b) for a, b in zip(tokens, tokens[1:])]
+    row['edit_ratio'] = ratios[0] if len(ratios) == 1 else ratios
+    rows.append(row)
+  return rows
 
-  `rollout_fn(problems, rng) -> (episode, scored)` (scored as `data.score_episode`). The
-  last batch is padded with repeats so every call has the same shape (no recompile).
-  """
+
+def evaluate_params(episodes, params, problems: Sequence, turns: int, batch_size: int,
+                    transcripts_path: str | os.PathLike, num_transcripts: int,
+                    temperature: float = 0.0) -> dict:
+  """Self-correction metrics of `params` over `problems` (greedy by default), batch by
+  batch, plus sample transcripts. The last batch is padded with repeats so every call has
+  the same shape (no recompile)."""
   import jax  # Kept local: the metric functions above are NumPy-only.
-  r1, r2, y1, y2, t1, t2, rows = [], [], [], [], [], [], []
-  for start, batch, n in padded_batches(problems, batch_size):
-    _, s = rollout_fn(batch, jax.random.key(start))
-    r1 += list(s['r1'][:n]); r2 += list(s['r2'][:n])
-    y1 += s['tokens1'][:n]; y2 += s['tokens2'][:n]
-    t1 += list(s['truncated1'][:n]); t2 += list(s['truncated2'][:n])
-    for i in range(min(n, num_transcripts - len(rows))):
-      p = batch[i]
-      rows.append(dict(id=p.id, problem=p.prompt, answer=p.answer, y1=s['text1'][i],
-                       y2=s['text2'][i], r1=s['r1'][i], r2=s['r2'][i],
-                       edit_ratio=edit_distance_ratio(s['tokens1'][i], s['tokens2'][i])))
+  from score_jax import sampling
+  sample_params = sampling.SampleParams.create(temperature)
+  rewards, attempts, truncated, rows = [], [[] for _ in range(turns)], [], []
+  for start, problem_batch, n in padded_batches(problems, batch_size):
+    batch = episodes.score(episodes.sample(params, problem_batch, jax.random.key(start),
+                                           sample_params, turns))
+    rewards.append(batch.rewards_BxT[:n])
+    truncated.append(batch.truncated_TxB[:, :n])
+    for t in range(turns):
+      attempts[t] += batch.attempt_tokens(t)[:n]
+    rows += transcript_rows(batch, min(n, num_transcripts - len(rows)))
   write_jsonl(transcripts_path, rows)
-  return self_correction_metrics(r1, r2, y1, y2, t1, t2)
+  return self_correction_metrics(np.concatenate(rewards), attempts,
+                                 np.concatenate(truncated, axis=1))
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """One JSON document (NumPy values allowed), written atomically."""
-  def write(p):
-    with open(p, 'w', encoding='utf-8') as f:
-      json.dump(obj, f, indent=2, default=_json_default)
+@functools.lru_cache(maxsize=None)
+def _repair_set(task, path: str):
+  """(MBPP-R episodes, accuracy of their given first attempts), built and sandboxed once
+  per run rather than at every phase's evaluation."""
+  from score_jax.tasks import code  # Code tasks only.
+  mbpp = getattr(task, 'mbpp', task)
+  if not isinstance(mbpp, code.MBPPTask):
+    raise ValueError(f'config.eval.repair_path needs an MBPP-based code task (mbpp, or '
+                     f'humaneval with train_path); the task is {task.name!r}')
+  repair = code.MBPPRepair(mbpp, path)
+  return repair, float(repair.first_attempt_rewards().mean())
 
-  path, tmp = _atomic_path(path)
-  _replace(tmp, path, write)
+
+def evaluate_repair(episodes, params, path: str, batch_size: int,
+                    transcripts_path: str | os.PathLike) -> dict:
+  """MBPP-R (SCORE.md): the model corrects given first attempts, greedily; only the
+  correction is scored."""
+  import jax
+  from score_jax import sampling
+  repair, given_acc = _repair_set(episodes.task, path)
+  texts = []
+  for start, batch, n in padded_batches(repair.episodes, batch_size):
+    texts += episodes.repair(params, [e.problem for e in batch], [e.first_attempt for e in batch],
+                             jax.random.key(start), sampling.SampleParams.create(0.0))[:n]
+  rewards = repair.score(texts)
+  write_jsonl(transcripts_path, (dict(id=e.problem.id, first_attempt=e.first_attempt, y2=t, r2=r)
+                                 for e, t, r in zip(repair.episodes, texts, rewards)))
+  return dict(repair_acc=float(rewards.mean()), repair_n=len(rewards),
+              repair_given_acc=given_acc)
+
+
+def evaluate_phase(episodes, name: str, params, eval_cfg, turns: int, out_dir: str,
+                   **record) -> dict:
+  """Greedy evaluation of one phase's params on the held-out problems (and MBPP-R when
+  `eval_cfg.repair_path` is set); writes <out_dir>/<name>.json and its transcripts.
+  `record` (checkpoint step, fingerprint) is stored beside the metrics."""
+  problems = episodes.task.eval_problems(eval_cfg.num_problems)
+  result = evaluate_params(episodes, params, problems, turns, eval_cfg.batch_size,
+                           os.path.join(out_dir, f'transcripts_{name}.jsonl'),
+                           eval_cfg.num_transcripts)
+  if eval_cfg.repair_path:
+    result.update(evaluate_repair(episodes, params, eval_cfg.repair_path, eval_cfg.batch_size,
+                                  os.path.join(out_dir, f'transcripts_repair_{name}.jsonl')))
+  result.update(phase=name, **record)
+  write_json(os.path.join(out_dir, f'{name}.json'), result)
+  print(f'[eval {name}]\n{format_table({name: result})}', flush=True)
+  return result

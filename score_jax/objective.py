@@ -1,21 +1,74 @@
-"""The SCoRe objective (SCORE.md "Objectives"), as pure functions over arrays.
+"""The SCoRe objective (SCORE.md "Objectives") for T turns, as pure functions over arrays.
 
-  Stage I:  maximise E[r2]                    - beta2 * KL_1 - beta1 * KL_2
-  Stage II: maximise E[r1 + r2 + alpha*(r2-r1)] - beta1 * (KL_1 + KL_2)
+For episode b and turn t = 1..T, with binary rewards r_t:
 
-Per-turn credit with discount 0: turn-1 tokens are credited with r1 (Stage II) or
-nothing (Stage I, where only the KL acts on them); turn-2 tokens with r2 (+ the bonus
-in Stage II). Only model tokens (turn 1 or 2) ever enter a loss; turn 0 marks prompt,
-instruction and pads.
+  return     R_t = w_t r_t + alpha (r_t - r_{t-1})       (the shaping bonus only for t >= 2)
+  advantage  A_t = R_t - baseline_t(R_t)                  (discount 0: a turn's own return)
+  loss       sum_{t trained} -A_t sum_{tokens of t} log pi  +  sum_t beta_t KL_t
+
+averaged over episodes; KL_t = KL(pi(.|x_t) || ref(.|x_t)) over the tokens of turn t.
+A turn that is not trained gets no policy gradient (it is sampled, and its KL still acts);
+Stage I and Stage II are two settings of this one loss:
+
+  Stage I:   trained (2,),   alpha 0,   beta = (beta2, beta1)   maximise E[r2] - beta2 KL_1 - beta1 KL_2
+  Stage II:  trained (1, 2), alpha,     beta = (beta1, beta1)   maximise E[r1 + r2 + alpha (r2 - r1)] - ...
+
+Only model tokens enter a loss: `turn_BxS` is t on the valid tokens of attempt t and 0 on
+prompt, instruction and pad slots.
 """
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from score_jax import model as model_lib
 
-STAGES = (1, 2)
-KL_ESTIMATORS = ('k1', 'k3')
+KL_ESTIMATORS = ('k1', 'k3')  # which KL, see `kl_terms`
+KL_FORMS = ('sequence', 'token')  # which gradient of it, see `kl_surrogate`
 BASELINES = ('rloo', 'batch_mean', 'none')
+# Log prefix-ratios are clipped here in the sequence k3 estimator: exp(20) ~ 5e8 is a
+# policy that has left the reference far behind, not a sample worth that weight.
+_MAX_LOG_RATIO = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Static (hashable) settings of the RL loss for episodes of `turns` attempts.
+
+  Per-turn tuples have one entry per turn (`expand` fills them from shorter config
+  tuples); turns are 1-based in `train_turns`.
+  """
+  turns: int
+  train_turns: tuple[int, ...]
+  reward_weights: tuple[float, ...]
+  alpha: float
+  kl_coefs: tuple[float, ...]
+  baselines: tuple[str, ...]
+  kl_estimator: str = 'k1'
+  kl_form: str = 'sequence'
+  rloo_k: int = 0
+  normalize_advantages: bool = False
+
+  def __post_init__(self):
+    _check('kl_estimator', self.kl_estimator, KL_ESTIMATORS)
+    _check('kl_form', self.kl_form, KL_FORMS)
+    for b in self.baselines:
+      _check('baseline', b, BASELINES)
+    T = self.turns
+    for name in ('reward_weights', 'kl_coefs', 'baselines'):
+      if len(getattr(self, name)) != T:
+        raise ValueError(f'{name}={getattr(self, name)} needs one entry per turn ({T})')
+    if not self.train_turns or any(not 1 <= t <= T for t in self.train_turns):
+      raise ValueError(f'train_turns={self.train_turns} must name turns in 1..{T}')
+
+  @staticmethod
+  def expand(values, turns: int) -> tuple:
+    """A config tuple per turn; the last entry repeats for later turns ((0.01,) = all)."""
+    values = tuple(values)
+    if not values or len(values) > turns:
+      raise ValueError(f'{values}: needs 1 to {turns} entries (the last one repeats)')
+    return values + values[-1:] * (turns - len(values))
 
 
 def _check(name, value, allowed):
@@ -69,15 +122,19 @@ def token_logprobs(model, params, tokens_BxS, valid_BxS, chunk_size):
   return jnp.where(scored_BxS, logp_BxS, 0.), jnp.where(scored_BxS, entropy_BxS, 0.)
 
 
+# ---------------------------------------------------------------------------------------
+# The KL to the reference.
+
+
 def kl_terms(logp_pi, logp_ref, estimator):
-  """Per-token KL on the sampled tokens: (value, surrogate whose gradient we follow).
+  """Per-token KL on the sampled tokens: (value, token-form surrogate).
 
   d = log pi - log ref. Using d itself as a loss is useless: E_pi[grad d] = E_pi[grad
   log pi] = 0, so it puts no pull on the policy. Instead:
-    'k1': value d; surrogate d**2/2, pathwise gradient d * grad log pi = the
-          score-function estimate of grad KL(pi || ref).
-    'k3': value and surrogate exp(-d) + d - 1 (Schulman; GRPO); pathwise gradient
-          (1 - ref/pi) grad log pi, an unbiased estimate of grad KL(ref || pi).
+    'k1': value d (sums to the sampled sequence's log-ratio, an unbiased estimate of
+          KL(pi || ref)); surrogate d**2/2, gradient d grad log pi.
+    'k3': value exp(-d) + d - 1 (Schulman; GRPO), an unbiased estimate of the
+          per-position KL(ref || pi); surrogate the same, gradient (1 - ref/pi) grad log pi.
   The reference is frozen: no gradient reaches it.
   """
   _check('kl_estimator', estimator, KL_ESTIMATORS)
@@ -86,6 +143,43 @@ def kl_terms(logp_pi, logp_ref, estimator):
     return d, 0.5 * d**2
   k3 = jnp.exp(-d) + d - 1.
   return k3, k3
+
+
+def _reverse_cumsum(x_BxS):
+  return jnp.flip(jnp.cumsum(jnp.flip(x_BxS, 1), axis=1), 1)
+
+
+def kl_surrogate(logp_pi_BxS, logp_ref_BxS, mask_BxS, estimator, form):
+  """A per-token loss whose gradient, summed over one turn's tokens (`mask_BxS`), has the
+  expectation that the form names.
+
+  'token': the per-token surrogates of `kl_terms`. Their expected gradient is
+    sum_t E[grad KL(pi(.|y<t) || ref(.|y<t))] with the prefix y<t held fixed: it ignores
+    how the early tokens change the KL of the later ones, so it is not the gradient of
+    the turn's sequence KL that the paper's betas weigh.
+  'sequence': the exact gradient of the turn's sequence KL (score function, causality):
+    k1, KL(pi || ref):  grad = E[sum_t grad log pi_t * sum_{s >= t} d_s]
+                        (each token weighted by the KL still to come within the turn);
+    k3, KL(ref || pi):  grad = E[sum_t grad log pi_t * rho_{<t} (1 - exp(-d_t))]
+                        with the prefix ratio rho_{<t} = prod_{s<t} ref_s / pi_s.
+  Both are proved against exact enumeration in tests/objective_test.py.
+  """
+  _check('kl_form', form, KL_FORMS)
+  _, surrogate_BxS = kl_terms(logp_pi_BxS, logp_ref_BxS, estimator)
+  if form == 'token':
+    return surrogate_BxS
+  d_BxS = jax.lax.stop_gradient(jnp.where(mask_BxS, logp_pi_BxS - logp_ref_BxS, 0.))
+  if estimator == 'k1':
+    weight_BxS = _reverse_cumsum(d_BxS)
+  else:
+    log_ratio_before_BxS = -(jnp.cumsum(d_BxS, axis=1) - d_BxS)  # log rho_{<t}
+    log_ratio_before_BxS = jnp.clip(log_ratio_before_BxS, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    weight_BxS = jnp.exp(log_ratio_before_BxS) * (1. - jnp.exp(-d_BxS))
+  return logp_pi_BxS * weight_BxS
+
+
+# ---------------------------------------------------------------------------------------
+# Returns and advantages.
 
 
 def _baseline(returns_B, baseline, k):
@@ -104,79 +198,100 @@ def _baseline(returns_B, baseline, k):
   return others_PxK.reshape(-1)
 
 
-def advantages(r1_B, r2_B, stage, alpha, baseline, k=None, normalize=False,
-               eps=1e-6):
-  """Per-turn advantages (A1_B, A2_B) with discount 0; see the module docstring."""
-  _check('stage', stage, STAGES)
-  r1_B = r1_B.astype(jnp.float32)
-  r2_B = r2_B.astype(jnp.float32)
-  if stage == 1:
-    returns = (None, r2_B)
-  else:
-    returns = (r1_B, r2_B + alpha * (r2_B - r1_B))
+def returns(r_BxT, obj: Objective):
+  """R_t = w_t r_t + alpha (r_t - r_{t-1}), the bonus for t >= 2; [B, T] float32."""
+  r_BxT = r_BxT.astype(jnp.float32)
   out = []
-  for ret_B in returns:
-    if ret_B is None:
-      out.append(jnp.zeros_like(r1_B))
+  for t in range(obj.turns):
+    ret_B = obj.reward_weights[t] * r_BxT[:, t]
+    if t and obj.alpha:
+      ret_B = ret_B + obj.alpha * (r_BxT[:, t] - r_BxT[:, t - 1])
+    out.append(ret_B)
+  return jnp.stack(out, axis=1)
+
+
+def advantages(r_BxT, obj: Objective, eps=1e-6):
+  """A_BxT (discount 0, a baseline per turn); 0 on turns that are not trained."""
+  ret_BxT = returns(r_BxT, obj)
+  out = []
+  for t in range(obj.turns):
+    if t + 1 not in obj.train_turns:
+      out.append(jnp.zeros_like(ret_BxT[:, t]))
       continue
-    adv_B = ret_B - _baseline(ret_B, baseline, k)
-    if normalize:
+    adv_B = ret_BxT[:, t] - _baseline(ret_BxT[:, t], obj.baselines[t], obj.rloo_k)
+    if obj.normalize_advantages:
       adv_B = adv_B / (adv_B.std() + eps)
     out.append(adv_B)
-  return tuple(out)
+  return jnp.stack(out, axis=1)
 
 
-def score_loss(logp_pi_BxS, logp_ref_BxS, turn_BxS, r1_B, r2_B, cfg, adv_B=None):
-  """The SCoRe loss (to minimise) for one batch of two-turn episodes, and metrics.
+# ---------------------------------------------------------------------------------------
+# The loss.
 
-  cfg fields: stage, alpha, beta1, beta2, kl_estimator, baseline, rloo_k,
-  normalize_advantages. The KL enters as a sequence-level sum per turn, so the paper's
-  betas weigh sequence KL; the loss is the mean over episodes. `adv_B` = (A1_B, A2_B)
-  given by the caller replaces `advantages(r1_B, r2_B, ...)`: a microbatch of a larger
-  batch takes its advantages from the whole batch (baselines need every episode).
+
+def rl_loss(logp_pi_BxS, logp_ref_BxS, turn_BxS, r_BxT, obj: Objective, adv_BxT=None,
+            onpolicy_BxT=None, kl_scale_T=None):
+  """The loss (to minimise) for one batch of T-turn episodes, and metrics.
+
+  `adv_BxT` given by the caller replaces `advantages(r_BxT, obj)`: a microbatch of a
+  larger batch takes its advantages from the whole batch (baselines need every
+  episode). `onpolicy_BxT` (bool) marks attempts sampled from the policy; the others
+  (offline first attempts from another model) get neither policy gradient nor KL, since
+  both are expectations under the policy. `kl_scale_T` multiplies the KL coefficients
+  (an adaptive beta). The KL enters as a sum per turn, so the betas weigh sequence KL.
   """
-  _check('stage', cfg.stage, STAGES)
-  m1_BxS = turn_BxS == 1
-  m2_BxS = turn_BxS == 2
-  m_BxS = m1_BxS | m2_BxS
+  T = obj.turns
+  m_BxS = (turn_BxS >= 1) & (turn_BxS <= T)
   # Masking the inputs (not only the products) keeps garbage at turn-0 slots from
   # leaking into values or, via 0 * inf, into gradients.
   logp_pi_BxS = jnp.where(m_BxS, logp_pi_BxS, 0.)
   logp_ref_BxS = jnp.where(m_BxS, logp_ref_BxS, 0.)
 
-  def turn_sum(x_BxS, m_BxS):
-    return jnp.sum(jnp.where(m_BxS, x_BxS, 0.), axis=1)
+  def turn_sum(x_BxS, mt_BxS):
+    return jnp.sum(jnp.where(mt_BxS, x_BxS, 0.), axis=1)
 
-  if adv_B is None:
-    adv_B = advantages(r1_B, r2_B, cfg.stage, cfg.alpha, cfg.baseline, cfg.rloo_k,
-                       cfg.normalize_advantages)
-  a1_B, a2_B = jax.lax.stop_gradient(adv_B)
-  pg_B = -(a1_B * turn_sum(logp_pi_BxS, m1_BxS) +
-           a2_B * turn_sum(logp_pi_BxS, m2_BxS))
+  turn_masks = [turn_BxS == t for t in range(1, T + 1)]
+  loss_masks = turn_masks
+  if onpolicy_BxT is not None:
+    loss_masks = [m & onpolicy_BxT[:, t, None] for t, m in enumerate(turn_masks)]
+  if adv_BxT is None:
+    adv_BxT = advantages(r_BxT, obj)
+  adv_BxT = jax.lax.stop_gradient(adv_BxT)
 
-  _, surrogate_BxS = kl_terms(logp_pi_BxS, logp_ref_BxS, cfg.kl_estimator)
-  c1, c2 = (cfg.beta2, cfg.beta1) if cfg.stage == 1 else (cfg.beta1, cfg.beta1)
-  kl_B = c1 * turn_sum(surrogate_BxS, m1_BxS) + c2 * turn_sum(surrogate_BxS, m2_BxS)
+  pg_terms = [adv_BxT[:, t - 1] * turn_sum(logp_pi_BxS, loss_masks[t - 1])
+              for t in obj.train_turns]
+  pg_B = -functools.reduce(jnp.add, pg_terms)
+
+  kl_terms_ = []
+  for t in range(T):
+    surrogate_BxS = kl_surrogate(logp_pi_BxS, logp_ref_BxS, loss_masks[t], obj.kl_estimator,
+                                 obj.kl_form)
+    coef = obj.kl_coefs[t] if kl_scale_T is None else obj.kl_coefs[t] * kl_scale_T[t]
+    kl_terms_.append(coef * turn_sum(surrogate_BxS, loss_masks[t]))
+  kl_B = functools.reduce(jnp.add, kl_terms_)
 
   loss = jnp.mean(pg_B + kl_B)
-  metrics = {
-      'loss': loss, 'pg_loss': pg_B.mean(), 'kl_loss': kl_B.mean(),
-      'adv1_mean': a1_B.mean(), 'adv1_std': a1_B.std(),
-      'adv2_mean': a2_B.mean(), 'adv2_std': a2_B.std(),
-      'r1': jnp.mean(r1_B), 'r2': jnp.mean(r2_B),
-      'len1': m1_BxS.sum(axis=1).mean(), 'len2': m2_BxS.sum(axis=1).mean(),
-  }
-  for est in KL_ESTIMATORS:
-    value_BxS, _ = jax.lax.stop_gradient(kl_terms(logp_pi_BxS, logp_ref_BxS, est))
-    for t, m in ((1, m1_BxS), (2, m2_BxS)):
-      metrics[f'kl{t}_{est}'] = turn_sum(value_BxS, m).mean()
-  for t in (1, 2):
-    metrics[f'kl{t}'] = metrics[f'kl{t}_{cfg.kl_estimator}']
+  metrics = {'loss': loss, 'pg_loss': pg_B.mean(), 'kl_loss': jnp.mean(kl_B)}
+  for t in range(T):
+    n = t + 1
+    metrics.update({f'adv{n}_mean': adv_BxT[:, t].mean(), f'adv{n}_std': adv_BxT[:, t].std(),
+                    f'r{n}': jnp.mean(r_BxT[:, t]),
+                    f'len{n}': turn_masks[t].sum(axis=1).mean()})
+    for est in KL_ESTIMATORS:
+      value_BxS, _ = jax.lax.stop_gradient(kl_terms(logp_pi_BxS, logp_ref_BxS, est))
+      metrics[f'kl{n}_{est}'] = turn_sum(value_BxS, turn_masks[t]).mean()
+    metrics[f'kl{n}'] = metrics[f'kl{n}_{obj.kl_estimator}']
+    if kl_scale_T is not None:
+      metrics[f'kl_coef{n}'] = obj.kl_coefs[t] * kl_scale_T[t]
   return loss, metrics
 
 
-def sft_loss(logp_BxS, turn_BxS):
-  """Mean negative log-likelihood over model tokens (turn > 0)."""
-  m_BxS = turn_BxS > 0
+def sft_loss(logp_BxS, turn_BxS, loss_turns=()):
+  """Mean negative log-likelihood over model tokens (turn > 0), or over the tokens of
+  `loss_turns` only (STaR and Pair-SFT train the corrected attempt, not the first)."""
+  if loss_turns:
+    m_BxS = jnp.isin(turn_BxS, jnp.asarray(loss_turns, turn_BxS.dtype))
+  else:
+    m_BxS = turn_BxS > 0
   nll = -jnp.sum(jnp.where(m_BxS, logp_BxS, 0.))
   return nll / jnp.maximum(m_BxS.sum(), 1)

@@ -7,8 +7,10 @@ finished keep writing pad tokens as *invalid* slots, so all rows share one slot 
 A row finishes at the first token in its stop set: `eos_id` plus any `stop_ids` (e.g.
 Gemma's `<end_of_turn>` for instruction-tuned chat). The set is static, so it is part of
 the compiled loop and never retraces per call.
+
+`generate` is the one generation path: a context, then one or more attempts in one cache
+with an instruction between them (the SCoRe episode, offline repair, plain sampling).
 """
-import functools
 from typing import NamedTuple, Optional, Sequence
 
 import flax.struct
@@ -16,8 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from score_jax import model as model_lib
-
-PAD_ID = 0
 
 
 class SampleParams(NamedTuple):
@@ -124,13 +124,14 @@ def filter_logits(logits_BxV, top_k, top_p):
   return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)
 
 
-def sample_token(logits_BxV, rng, sample_params: SampleParams):
+def sample_token(logits_BxV, rng, sample_params: SampleParams, never_id: Optional[int] = None):
   """Greedy when temperature <= 0, else temperature + top-k + top-p sampling.
 
-  Never samples the pad id: pad marks invalid slots, so a sampled pad would silently
-  vanish from the episode.
+  `never_id` (the tokenizer's dedicated pad piece) is never sampled: it is text that the
+  model was never trained to write and that decoding drops.
   """
-  logits_BxV = logits_BxV.at[:, PAD_ID].set(model_lib.MASK_VALUE)
+  if never_id is not None:
+    logits_BxV = logits_BxV.at[:, never_id].set(model_lib.MASK_VALUE)
   def sample(_):
     scaled_BxV = logits_BxV / jnp.maximum(sample_params.temperature, 1e-6)
     # The vocabulary sort costs ~6x a plain draw: skip it when no filter is asked for.
@@ -158,10 +159,11 @@ class _Loop(NamedTuple):
 
 
 def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
-           max_new_tokens: int, eos_id: Optional[int],
-           stop_ids: Sequence[int] = ()) -> tuple[DecodeState, Sample]:
+           max_new_tokens: int, stop_ids: Sequence[int], pad_id: int = 0
+           ) -> tuple[DecodeState, Sample]:
   """Samples up to T tokens per row, one slot per step, until every row emitted a stop
-  token (`eos_id` or one of `stop_ids`; static, see `stop_set`).
+  token (`stop_ids`, static, see `stop_set`). Finished rows write `pad_id` as invalid
+  slots; `pad_id` is never sampled unless it is also a stop token.
 
   The last sampled token is fed to the model too, so the cache holds the full answer (incl.
   the stop token) and `state.slot` ends right after the longest sample, ready for `append`.
@@ -169,7 +171,9 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
   B = state.valid_BxS.shape[0]
   S = state.valid_BxS.shape[1]
   T = max_new_tokens
-  stop_K = jnp.asarray(stop_set(eos_id, stop_ids) or (-1,), jnp.int32)  # -1: never sampled
+  stop_ids = tuple(stop_ids)
+  stop_K = jnp.asarray(stop_ids or (-1,), jnp.int32)  # -1: never sampled
+  never_id = None if pad_id in stop_ids else pad_id
 
   def cond(loop: _Loop):
     return (loop.step < T) & ~jnp.all(loop.done_B) & (loop.state.slot < S)
@@ -178,7 +182,8 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
     rng, step_rng = jax.random.split(loop.rng)
     logits_BxV = loop.state.last_logits_BxV
     live_B = ~loop.done_B
-    token_B = jnp.where(live_B, sample_token(logits_BxV, step_rng, sample_params), PAD_ID)
+    token_B = jnp.where(live_B, sample_token(logits_BxV, step_rng, sample_params, never_id),
+                        pad_id)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1),
                                     token_B[:, None], axis=-1)[:, 0]
     at = (0, loop.step)
@@ -194,7 +199,7 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
 
   loop = _Loop(
       step=jnp.int32(0), done_B=jnp.zeros((B,), bool), state=state, rng=rng,
-      tokens_BxT=jnp.full((B, T), PAD_ID, jnp.int32), valid_BxT=jnp.zeros((B, T), bool),
+      tokens_BxT=jnp.full((B, T), pad_id, jnp.int32), valid_BxT=jnp.zeros((B, T), bool),
       logprobs_BxT=jnp.zeros((B, T), jnp.float32))
   loop = jax.lax.while_loop(cond, body, loop)
   return loop.state, Sample(
@@ -202,33 +207,29 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
       lengths_B=jnp.sum(loop.valid_BxT, axis=1, dtype=jnp.int32), truncated_B=~loop.done_B)
 
 
-class Sampler:
-  """Jits start/append/decode once per input shape; sampling settings are traced values.
+def generate(model, params, context_BxC, context_valid_BxC, rng, sample_params: SampleParams,
+             *, turns: int, max_len: int, stop_ids: Sequence[int], pad_id: int = 0,
+             instr_I=None) -> tuple[Sample, ...]:
+  """context -> attempt 1 -> [instr -> attempt t] for t = 2..turns, in one KV cache.
 
-  Pad prompts to one fixed length (e.g. `rollout.left_pad`) so calls never recompile.
+  `context_BxC` is left-padded (or has gaps: only validity counts). Each attempt ends at
+  a stop token or after `max_len` tokens; the instruction is written right after the
+  longest attempt of the batch. Jittable with model, turns, max_len, stop_ids and pad_id
+  static. The cache has exactly the slots this needs, so nothing is clamped.
   """
-
-  def __init__(self, model, cache_size: int, max_new_tokens: int,
-               eos_id: Optional[int] = 3, stop_ids: Sequence[int] = ()):
-    self.max_new_tokens = max_new_tokens
-    self.stop_ids = stop_set(eos_id, stop_ids)
-    self._start = jax.jit(functools.partial(start, model, cache_size=cache_size))
-    self._append = jax.jit(functools.partial(append, model))
-    self._decode = jax.jit(functools.partial(decode, model, eos_id=None,
-                                             stop_ids=self.stop_ids),
-                           static_argnames=('max_new_tokens',))
-
-  def start(self, params, tokens_BxP, valid_BxP) -> DecodeState:
-    return self._start(params, tokens_BxP, valid_BxP)
-
-  def append(self, params, state, tokens_BxL, valid_BxL) -> DecodeState:
-    return self._append(params, state, tokens_BxL, valid_BxL)
-
-  def decode(self, params, state, rng, temperature=0.0, top_k=0, top_p=1.0):
-    sample_params = SampleParams.create(temperature, top_k, top_p)
-    return self._decode(params, state, rng, sample_params,
-                        max_new_tokens=self.max_new_tokens)
-
-  def __call__(self, params, tokens_BxP, valid_BxP, rng, **sample_kw) -> Sample:
-    """One-turn generation from left-padded prompts."""
-    return self.decode(params, self.start(params, tokens_BxP, valid_BxP), rng, **sample_kw)[1]
+  B, C = context_BxC.shape
+  I = 0 if instr_I is None else instr_I.shape[0]
+  if turns > 1 and instr_I is None:
+    raise ValueError('more than one attempt needs the instruction between them')
+  keys = [rng] if turns == 1 else list(jax.random.split(rng, turns))
+  state = start(model, params, context_BxC, context_valid_BxC,
+                cache_size=C + turns * max_len + (turns - 1) * I)
+  attempts = []
+  for t in range(turns):
+    if t:
+      instr_BxI = jnp.broadcast_to(instr_I, (B, I)).astype(context_BxC.dtype)
+      state = append(model, params, state, instr_BxI, jnp.ones((B, I), bool))
+    state, sample = decode(model, params, state, keys[t], sample_params, max_len, stop_ids,
+                           pad_id)
+    attempts.append(sample)
+  return tuple(attempts)

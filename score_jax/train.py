@@ -1,33 +1,34 @@
-"""Training phases: the base model (supervised), SCoRe Stage I and Stage II (RL).
+"""Training: one phase of a recipe at a time, as a loop over one compiled step.
 
-Each phase is a loop over one jitted, donated, explicitly sharded step and owns a
-checkpoint directory under the workdir; a restarted run resumes every phase from its
-latest checkpoint and skips finished ones. The compiled steps are pure functions of
-(state, ref_params, batch); the SCoRe loss itself lives in objective.py.
+The steps are pure functions of (state, ref_params, batch), jitted once per phase with
+explicit shardings and a donated state: `sft_step` (next-token loss) and `rl_step` (the
+objective of objective.py, with microbatches). `Setup` holds the mesh, the model and the
+parameter layout; `train_phase` runs one phase's loop: it resumes from the phase's own
+checkpoint directory, asks episodes.py for a batch each step, writes metrics and
+checkpoints, and hands on the phase's params. Which phase runs when, and from which
+params, is decided in run.py.
 """
+import collections
+import dataclasses
 import functools
 import os
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from score_jax import checkpoints
-from score_jax import data
-from score_jax.tasks import formats
-from score_jax import writers
+from score_jax import episodes as episodes_lib
+from score_jax import evaluate
 from score_jax import objective
-from score_jax import rollout
 from score_jax import sampling
 from score_jax import sharding
+from score_jax import writers
 from score_jax.model import ModelConfig, Transformer, causal_attention_mask, positions_from_valid
-
-PHASES = ("base", "stage1", "stage2")
 
 
 @flax.struct.dataclass
@@ -82,12 +83,17 @@ def _masked_mean(x, mask):
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def sft_step(model, tx, chunk, state: TrainState, ref_params, batch):
-  """One supervised step on turn>0 tokens (how the embedded base model is made)."""
-  del ref_params  # Same signature as rl_step; the base has no reference.
+def _masked_mean(x, mask):
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def sft_step(model, tx, chunk, loss_turns, state: TrainState, ref_params, batch):
+  """One supervised step on the model tokens of the batch (all attempts, or `loss_turns`)."""
+  del ref_params  # Same signature as rl_step; supervised phases have no reference.
   def loss_fn(params):
     logp, _ = objective.token_logprobs(model, params, batch["tokens"], batch["valid"], chunk)
-    return objective.sft_loss(logp, batch["turn"])
+    return objective.sft_loss(logp, batch["turn"], loss_turns)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -104,16 +110,18 @@ def _microbatches(x_BxN, num: int):
   return jnp.swapaxes(x_BxN.reshape(B // num, num, *x_BxN.shape[1:]), 0, 1)
 
 
-def rl_step(model, tx, chunk, loss_cfg, state: TrainState, ref_params, batch, microbatches=1):
-  """One SCoRe step: reference log-probs, then the stage's loss and an Adam update.
+def rl_step(model, tx, chunk, obj: objective.Objective, state: TrainState, ref_params, batch,
+            microbatches=1):
+  """One RL step: reference log-probs, then the phase's loss and an Adam update.
 
-  With `microbatches` > 1 the batch is processed in that many slices whose gradients are
-  summed (a `lax.scan`), so activation memory is that of one slice; advantages come from
-  the whole batch first, so the update equals the whole-batch update up to float rounding.
+  `batch`: tokens, valid, turn [B, S], rewards [B, T], optionally onpolicy [B, T] (offline
+  first attempts) and kl_scale [T] (adaptive betas). With `microbatches` > 1 the batch is
+  processed in that many slices whose gradients are summed (a `lax.scan`), so activation
+  memory is that of one slice; advantages come from the whole batch first, so the update
+  equals the whole-batch update up to float rounding.
   """
-  adv_B = objective.advantages(batch["r1"], batch["r2"], loss_cfg.stage, loss_cfg.alpha,
-                               loss_cfg.baseline, loss_cfg.rloo_k,
-                               loss_cfg.normalize_advantages)
+  adv_BxT = objective.advantages(batch["rewards"], obj)
+  kl_scale_T = batch.get("kl_scale")
 
   def grads_of(params, mb):
     tokens, valid, turn = mb["tokens"], mb["valid"], mb["turn"]
@@ -122,12 +130,13 @@ def rl_step(model, tx, chunk, loss_cfg, state: TrainState, ref_params, batch, mi
 
     def loss_fn(params):
       logp, entropy = objective.token_logprobs(model, params, tokens, valid, chunk)
-      loss, m = objective.score_loss(logp, logp_ref, turn, mb["r1"], mb["r2"], loss_cfg,
-                                     adv_B=(mb["a1"], mb["a2"]))
+      loss, m = objective.rl_loss(logp, logp_ref, turn, mb["rewards"], obj, adv_BxT=mb["adv"],
+                                  onpolicy_BxT=mb.get("onpolicy"), kl_scale_T=kl_scale_T)
       return loss, dict(m, entropy=_masked_mean(jax.lax.stop_gradient(entropy), turn > 0))
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-  full = dict(batch, a1=adv_B[0], a2=adv_B[1])
+  full = {k: v for k, v in batch.items() if k != "kl_scale"}
+  full["adv"] = adv_BxT
   if microbatches == 1:
     (_, m), grads = grads_of(state.params, full)
   else:
@@ -140,43 +149,25 @@ def rl_step(model, tx, chunk, loss_cfg, state: TrainState, ref_params, batch, mi
     grads = jax.tree.map(lambda g: g / microbatches, grads)  # float32, as accumulated
     m = jax.tree.map(jnp.mean, m)  # Every slice has B/num episodes: means of means.
     # Advantage statistics of the whole batch, not averages of slice statistics.
-    m.update(adv1_std=adv_B[0].std(), adv2_std=adv_B[1].std())
+    m.update({f"adv{t + 1}_std": adv_BxT[:, t].std() for t in range(obj.turns)})
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return TrainState(state.step + 1, params, opt_state), dict(m, grad_norm=optax.global_norm(grads))
 
 
-class Trainer:
-  """The edges: mesh, shardings, compiled functions, checkpoints and loops of every phase."""
+class Setup:
+  """The mesh, the model and the parameter layout of a run, and how params are made,
+  restored and cast (every compiled function places its outputs on these shardings)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, tok, task,
-               fmt: formats.PromptFormat = formats.PromptFormat()):
-    self.config, self.workdir, self.tok, self.task, self.fmt = config, workdir, tok, task, fmt
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
     self.mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     self.model = Transformer(ModelConfig.from_config(config.model))
     self.batch_sh = sharding.batch_sharding(self.mesh)
     self.repl_sh = sharding.replicated(self.mesh)
     self.abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
     self.param_sh = sharding.param_shardings(self.mesh, self.abstract_params, config.sharding_rules)
-    self.instr = data.instruction_ids(tok, fmt, task)
     self.float32_master = jnp.dtype(config.model.param_dtype) != jnp.float32
-    self.stop_ids = formats.stop_ids(tok, fmt)
-    r = config.rollout
-    def two_turn(params, *args):
-      return rollout.two_turn(self.model, {"params": params}, *args, max_len_1=r.max_len_1,
-                              max_len_2=r.max_len_2, eos_id=tok.eos_id, stop_ids=self.stop_ids)
-    self._rollout = jax.jit(two_turn,
-        in_shardings=(self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh,
-                      self.repl_sh))
-
-    def one_turn(params, context_BxC, context_valid_BxC, rng, sample_params):
-      p = {"params": params}
-      state = sampling.start(self.model, p, context_BxC, context_valid_BxC,
-                             cache_size=context_BxC.shape[1] + r.max_len_2)
-      return sampling.decode(self.model, p, state, rng, sample_params, r.max_len_2,
-                             tok.eos_id, self.stop_ids)[1]
-    self._one_turn = jax.jit(one_turn, in_shardings=(
-        self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh))
 
   def _init_params(self, rng):
     tokens = jnp.zeros((1, 8), jnp.int32)
@@ -187,139 +178,13 @@ class Trainer:
   def init_params(self, seed: int):
     return jax.jit(self._init_params, out_shardings=self.param_sh)(jax.random.key(seed))
 
-  # -- phases ----------------------------------------------------------------------------
-
-  def _state_shardings(self, tx):
-    abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
-    opt_sh = sharding.follow_params(self.mesh, abstract_opt, self.abstract_params, self.param_sh)
-    return TrainState(step=self.repl_sh, params=self.param_sh, opt_state=opt_sh), abstract_opt
-
-  def _run_phase(self, name: str, steps: int, tx, init_params, step_fn, batch_fn,
-                 ref_params=None):
-    """Generic loop: resume, step, log, checkpoint. Returns the phase's final params.
-
-    `init_params` (params, or a function making them) is used only when nothing is saved;
-    `step_fn(state, ref_params, batch)` is jitted once with explicit shardings.
-    """
-    cfg = self.config
-    state_sh, abstract_opt = self._state_shardings(tx)
-    ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, name), cfg.checkpoint.every,
-                                    cfg.checkpoint.keep)
-    start = ckpt.latest_step() or 0
-    if start:
-      params, opt_state, _ = ckpt.restore(
-          start, checkpoints.abstract_like(self.abstract_params, self.param_sh),
-          checkpoints.abstract_like(abstract_opt, state_sh.opt_state))
-      print(f"[{name}] resuming from {ckpt.directory}/{start}", flush=True)
-    else:
-      # A copy: the state is donated to the step, while `init_params` may also be the
-      # frozen reference.
-      params = init_params() if callable(init_params) else init_params
-      params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_sh)(params)
-      opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
-    if start >= steps:
-      ckpt.close()
-      return params
-    state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), self.repl_sh), params, opt_state)
-    ref_sh = None if ref_params is None else self.param_sh
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, self.batch_sh),
-                     out_shardings=(state_sh, self.repl_sh), donate_argnums=0)
-    writer = writers.MetricWriter(self.workdir, name, steps, cfg.log_every)
+  def restore_params(self, directory: str, step: Optional[int] = None):
+    ckpt = checkpoints.Checkpointer(directory)
     try:
-      for step in range(start, steps):
-        t0 = time.time()
-        batch, host_metrics = batch_fn(state.params, step)
-        n_tokens = int(np.sum(batch["valid"]))
-        state, m = jitted(state, ref_params, jax.device_put(batch, self.batch_sh))
-        m = jax.device_get(m)
-        dt = time.time() - t0
-        writer.write(step + 1, dict(m, **host_metrics, step_time=dt, tokens_per_s=n_tokens / dt))
-        ckpt.save(step + 1, state.params, state.opt_state, dict(phase=name), force=step + 1 == steps)
+      params, _, _ = ckpt.restore(step, checkpoints.abstract_like(self.abstract_params, self.param_sh))
     finally:
-      writer.close()
       ckpt.close()
-    return state.params
-
-  def train_base(self):
-    """Supervised base model from the task's transcripts (second attempt = fresh retry)."""
-    cfg, b = self.config, self.config.base
-    tx = make_optimizer(b.learning_rate, 1.0, b.warmup_steps, b.steps, b.weight_decay,
-                        self.float32_master)
-    step_fn = functools.partial(sft_step, self.model, tx, cfg.rl.logprob_chunk)
-    r = cfg.rollout
-
-    def batch_fn(params, step):
-      rng = np.random.default_rng([cfg.seed, 0, step])
-      return data.sft_batch(self.tok, self.fmt, self.task, rng, b.batch_size, r.max_prompt_len,
-                            r.max_len_1, r.max_len_2), {}
-    return self._run_phase("base", b.steps, tx, lambda: self.init_params(cfg.seed), step_fn,
-                           batch_fn)
-
-  def train_stage(self, stage: int, init_params, ref_params):
-    """SCoRe Stage I (stage=1) or Stage II (stage=2) from `init_params`, KL to `ref_params`."""
-    cfg, rl = self.config, self.config.rl
-    st = cfg.stage1 if stage == 1 else cfg.stage2
-    loss_cfg = ml_collections.ConfigDict(dict(
-        stage=stage, alpha=st.get("alpha", 0.0), beta1=st.beta1, beta2=st.get("beta2", st.beta1),
-        kl_estimator=rl.kl_estimator, baseline=rl.baseline, rloo_k=rl.samples_per_prompt,
-        normalize_advantages=rl.normalize_advantages))
-    tx = make_optimizer(st.learning_rate, rl.grad_clip, float32_master=self.float32_master)
-    step_fn = functools.partial(rl_step, self.model, tx, rl.logprob_chunk, loss_cfg,
-                                microbatches=rl.microbatches)
-    r = cfg.rollout
-    sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
-
-    def batch_fn(params, step):
-      problems = data.rl_problems(self.task, cfg.seed, stage, step, rl.num_prompts,
-                                  rl.samples_per_prompt)
-      t0 = time.time()
-      episode, scored = self.rollout_and_score(
-          params, problems, sample_params,
-          jax.random.fold_in(jax.random.key(cfg.seed), stage * 1_000_003 + step),
-          r.batch_size)
-      t_sample = time.time() - t0
-      tokens, valid, turn = rollout.episode_sequence(episode, self.instr)
-      s = scored["stats"]
-      new_tokens = float(np.sum(scored["len1"]) + np.sum(scored["len2"]))
-      host = dict(r1=s["acc_t1"], r2=s["acc_t2"], delta=s["delta"], delta_i2c=s["delta_i2c"],
-                  delta_c2i=s["delta_c2i"], edit_ratio=s["edit_ratio_mean"],
-                  truncated1=s["truncated_t1"], truncated2=s["truncated_t2"],
-                  len1=float(np.mean(scored["len1"])), len2=float(np.mean(scored["len2"])),
-                  sample_time=t_sample, sample_tokens_per_s=new_tokens / t_sample)
-      stats = getattr(self.task, "verifier_stats", None)
-      if stats is not None:  # Cumulative: a rising count means verifiers are timing out.
-        host.update(verifier_timeouts=stats["timeouts"], verifier_errors=stats["errors"])
-      batch = dict(tokens=tokens, valid=valid, turn=turn, r1=scored["r1"], r2=scored["r2"])
-      return batch, host
-    return self._run_phase(f"stage{stage}", st.steps, tx, init_params, step_fn, batch_fn,
-                           ref_params)
-
-  # -- sampling and evaluation -------------------------------------------------------------
-
-  def rollout_and_score(self, params, problems, sample_params, rng, batch_size=0):
-    """Two-turn episodes for `problems` and their rewards (host side).
-
-    Sampled `batch_size` problems per call (0 = all at once), which bounds the KV cache;
-    rewards are computed once for the whole batch, so verifiers see it all in parallel.
-    """
-    n = batch_size or len(problems)
-    episodes = []
-    for start in range(0, len(problems), n):
-      prompt, prompt_valid = data.encode_prompts(self.tok, self.fmt, self.task,
-                                                 problems[start:start + n],
-                                                 self.config.rollout.max_prompt_len)
-      key = jax.random.fold_in(rng, start) if start else rng
-      episodes.append(jax.device_get(
-          self._rollout(params, prompt, prompt_valid, self.instr, key, sample_params)))
-    episode = jax.tree.map(lambda *x: np.concatenate(x), *episodes)
-    return episode, data.score_episode(self.tok, self.task, problems, episode)
-
-  def second_turns(self, params, contexts: list[list[int]], sample_params, rng):
-    """y2 after given contexts [BOS, x1, y1, instruction] (offline repair, MBPP-R)."""
-    r = self.config.rollout
-    length = r.max_prompt_len + r.max_len_1 + len(self.instr)
-    tokens, valid = rollout.left_pad(contexts, length, pad_id=self.tok.pad_id)
-    return jax.device_get(self._one_turn(params, tokens, valid, rng, sample_params))
+    return params
 
   def as_reference(self, params):
     """The frozen reference: `params` in `config.rl.reference_dtype` (bfloat16 halves its
@@ -330,10 +195,225 @@ class Trainer:
     return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
                    out_shardings=self.param_sh)(params)
 
-  def restore_params(self, directory: str, step: Optional[int] = None):
-    ckpt = checkpoints.Checkpointer(directory)
-    try:
-      params, _, _ = ckpt.restore(step, checkpoints.abstract_like(self.abstract_params, self.param_sh))
-    finally:
-      ckpt.close()
-    return params
+  def state_shardings(self, tx):
+    abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+    opt_sh = sharding.follow_params(self.mesh, abstract_opt, self.abstract_params, self.param_sh)
+    return TrainState(step=self.repl_sh, params=self.param_sh, opt_state=opt_sh), abstract_opt
+
+
+# ---------------------------------------------------------------------------------------
+# Host-side controllers whose state travels in the checkpoint's JSON record.
+
+
+@dataclasses.dataclass
+class AdaptiveKL:
+  """Scales the KL coefficients of the attempts that are not trained so that their KL
+  per attempt approaches `target` (the ICLR version's adaptive beta2; Ziegler et al.'s
+  proportional controller)."""
+  target: float
+  rate: float
+  anchored: tuple[int, ...]  # 0-based attempts whose coefficient adapts
+  scale: float = 1.0
+
+  def scale_T(self, turns: int) -> np.ndarray:
+    return np.asarray([self.scale if t in self.anchored else 1.0 for t in range(turns)],
+                      np.float32)
+
+  def update(self, metrics):
+    kl = float(np.mean([metrics[f"kl{t + 1}"] for t in self.anchored]))
+    self.scale *= 1.0 + self.rate * float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
+
+
+@dataclasses.dataclass
+class BestReward:
+  """Tracks the mean final-attempt training reward over the last `window` steps; the
+  params at its best are the phase's output (the paper's checkpoint selection)."""
+  window: int
+  history: list = dataclasses.field(default_factory=list)
+  best: float = -np.inf
+
+  def improved(self, reward: float) -> bool:
+    self.history = (self.history + [float(reward)])[-self.window:]
+    mean = float(np.mean(self.history))
+    if len(self.history) == self.window and mean > self.best:
+      self.best = mean
+      return True
+    return False
+
+
+def best_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, f"{name}_best")
+
+
+# ---------------------------------------------------------------------------------------
+# The loop over one phase.
+
+
+class _Checkpoints:
+  """The phase's directory (latest steps, for resume) and, with select=best_reward, the
+  best params so far in <name>_best."""
+
+  def __init__(self, setup: Setup, name: str, select_best: bool):
+    cfg = setup.config.checkpoint
+    self.main = checkpoints.Checkpointer(os.path.join(setup.workdir, name), cfg.every, cfg.keep)
+    self.best = checkpoints.Checkpointer(best_dir(setup.workdir, name), keep=1) if select_best else None
+
+  def close(self):
+    self.main.close()
+    if self.best:
+      self.best.close()
+
+
+def train_phase(setup: Setup, phase, tx, step_fn: Callable, batch_fn: Callable,
+                init_params: Callable, ref_params=None, kl: Optional[AdaptiveKL] = None,
+                best: Optional[BestReward] = None):
+  """Resume, step, log, checkpoint; returns the phase's params (the last, or the best).
+
+  `init_params()` makes the starting params, called only when nothing is saved;
+  `step_fn(state, ref_params, batch)` is jitted once with explicit shardings;
+  `batch_fn(params, step) -> (batch, host_metrics)` gives step `step`'s batch.
+  """
+  cfg, name, steps = setup.config, phase.name, phase.steps
+  state_sh, abstract_opt = setup.state_shardings(tx)
+  ckpt = _Checkpoints(setup, name, best is not None)
+  start = ckpt.main.latest_step() or 0
+  if start:
+    params, opt_state, meta = ckpt.main.restore(
+        start, checkpoints.abstract_like(setup.abstract_params, setup.param_sh),
+        checkpoints.abstract_like(abstract_opt, state_sh.opt_state))
+    if kl is not None:
+      kl.scale = meta["kl_scale"]
+    if best is not None:
+      best.history, best.best = meta["reward_history"], meta["best_reward"]
+    print(f"[{name}] resuming from {ckpt.main.directory}/{start}", flush=True)
+  else:
+    params = init_params()
+    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
+  try:
+    if start < steps:
+      params = _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state,
+                     state_sh, ref_params, kl, best)
+    if best is not None and ckpt.best.latest_step() is not None:
+      params = setup.restore_params(ckpt.best.directory)
+  finally:
+    ckpt.close()
+  return params
+
+
+def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, state_sh,
+          ref_params, kl, best):
+  cfg, name, steps = setup.config, phase.name, phase.steps
+  state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), setup.repl_sh), params,
+                     opt_state)
+  ref_sh = None if ref_params is None else setup.param_sh
+  jitted = None
+  writer = writers.MetricWriter(setup.workdir, name, steps, cfg.log_every)
+  try:
+    for step in range(start, steps):
+      t0 = time.time()
+      batch, host_metrics = batch_fn(state.params, step)
+      if kl is not None:
+        batch["kl_scale"] = kl.scale_T(phase.turns)
+      if jitted is None:  # The batch's keys decide its shardings: [B, ...] split, the rest not.
+        batch_sh = {k: setup.repl_sh if k == "kl_scale" else setup.batch_sh for k in batch}
+        jitted = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
+                         out_shardings=(state_sh, setup.repl_sh), donate_argnums=0)
+      n_tokens = int(np.sum(batch["valid"]))
+      state, m = jitted(state, ref_params, jax.device_put(batch, batch_sh))
+      m = jax.device_get(m)
+      dt = time.time() - t0
+      writer.write(step + 1, dict(m, **host_metrics, step_time=dt, tokens_per_s=n_tokens / dt))
+      meta = dict(phase=name)
+      if kl is not None:
+        kl.update(m)
+        meta["kl_scale"] = kl.scale
+      if best is not None:
+        if best.improved(m[f"r{phase.turns}"]):
+          ckpt.best.save(step + 1, state.params, meta=dict(phase=name, best_reward=best.best),
+                         force=True)
+        meta.update(reward_history=best.history, best_reward=best.best)
+      ckpt.main.save(step + 1, state.params, state.opt_state, meta, force=step + 1 == steps)
+  finally:
+    writer.close()
+  return state.params
+
+
+# ---------------------------------------------------------------------------------------
+# Batches of each kind of phase.
+
+
+def host_metrics(batch: episodes_lib.Batch) -> dict:
+  """What the training log shows of a scored batch: reward and accuracy per attempt, the
+  self-correction flips, the share of copied attempts, lengths and truncation."""
+  s = evaluate.self_correction_metrics(
+      batch.rewards_BxT, [batch.attempt_tokens(t) for t in range(batch.turns)],
+      batch.truncated_TxB)
+  lengths = batch.lengths_TxB()
+  out = {k: v for k, v in s.items() if k.startswith("delta")}
+  out.update(edit_ratio=s["edit_ratio_mean"], edit_ratio_zero_share=s["edit_ratio_zero_share"],
+             correct_given_wrong=s["correct_given_wrong"])
+  for t in range(batch.turns):
+    out.update({f"r{t + 1}": s[f"acc_t{t + 1}"], f"truncated{t + 1}": s[f"truncated_t{t + 1}"],
+                f"len{t + 1}": float(np.mean(lengths[t]))})
+  return out
+
+
+def rl_batch_fn(setup: Setup, eps: episodes_lib.Episodes, phase, ref_params):
+  """Step `step`'s episodes: problems and random numbers from (seed, phase, step); the last
+  `offline_turn1` share of RLOO groups takes its first attempt from the reference."""
+  cfg, rl, r = setup.config, setup.config.rl, setup.config.rollout
+  sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
+  n_offline = round(phase.cfg.offline_turn1 * rl.num_prompts) * rl.samples_per_prompt
+
+  def batch_fn(params, step):
+    problems = episodes_lib.rl_problems(eps.task, cfg.seed, phase.index, step, rl.num_prompts,
+                                        rl.samples_per_prompt)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), phase.index * 1_000_003 + step)
+    t0 = time.time()
+    online = problems[:len(problems) - n_offline]
+    parts = [eps.sample(params, online, key, sample_params, phase.turns, r.batch_size)]
+    if n_offline:
+      first = eps.sample(ref_params, problems[len(online):], jax.random.fold_in(key, 1), sample_params,
+                         1, r.batch_size)
+      parts.append(eps.continue_from(params, first, jax.random.fold_in(key, 2), sample_params,
+                                     phase.turns, r.batch_size))
+    batch = eps.score(episodes_lib.concatenate(parts) if n_offline else parts[0])
+    t_sample = time.time() - t0
+    layout = episodes_lib.loss_layout(batch, eps.instr_I)
+    if not n_offline:
+      del layout["onpolicy"]  # All on-policy: the loss needs no mask.
+    new_tokens = float(batch.lengths_TxB().sum())
+    metrics = dict(host_metrics(batch), sample_time=t_sample,
+                   sample_tokens_per_s=new_tokens / t_sample)
+    metrics.update(eps.task.reward_stats())  # Cumulative: a rising count shows hacking.
+    return layout, metrics
+  return batch_fn
+
+
+def rl_phase(setup: Setup, eps, phase, init_params: Callable, ref_params):
+  """An RL phase from `init_params()`, held by the KL to `ref_params`."""
+  rl, p = setup.config.rl, phase.cfg
+  tx = make_optimizer(p.learning_rate, rl.grad_clip, float32_master=setup.float32_master)
+  step_fn = functools.partial(rl_step, setup.model, tx, rl.logprob_chunk, phase.objective,
+                              microbatches=rl.microbatches)
+  anchored = tuple(t for t in range(phase.turns) if t + 1 not in phase.objective.train_turns)
+  kl = AdaptiveKL(p.kl_target, p.kl_adapt_rate, anchored) if p.kl_target and anchored else None
+  best = BestReward(p.select_window) if p.select == "best_reward" else None
+  return train_phase(setup, phase, tx, step_fn, rl_batch_fn(setup, eps, phase, ref_params),
+                     init_params, ref_params, kl, best)
+
+
+def sft_phase(setup: Setup, eps, phase, init_params: Callable, transcripts_fn: Callable):
+  """A supervised phase on `transcripts_fn(rng, n) -> [(problem, attempt texts)]`."""
+  cfg, p = setup.config, phase.cfg
+  tx = make_optimizer(p.learning_rate, p.grad_clip, p.warmup_steps, p.steps, p.weight_decay,
+                      setup.float32_master)
+  step_fn = functools.partial(sft_step, setup.model, tx, cfg.rl.logprob_chunk, tuple(p.loss_turns))
+
+  def batch_fn(params, step):
+    del params  # Off-policy data.
+    rows = transcripts_fn(np.random.default_rng([cfg.seed, phase.index, step]), p.batch_size)
+    layout = episodes_lib.loss_layout(
+        eps.transcript_batch([q for q, _ in rows], [a for _, a in rows]), eps.instr_I)
+    return {k: layout[k] for k in ("tokens", "valid", "turn")}, {}
+  return train_phase(setup, phase, tx, step_fn, batch_fn, init_params)

@@ -195,12 +195,17 @@ def test_base_transcripts_are_independent_attempts():
   task = _task()
   rng = np.random.default_rng(4)
   rows = task.base_transcripts(rng, 6000)
-  hard = [(task.reward(y1, p), task.reward(y2, p)) for p, y1, y2 in rows
+  hard = [(task.reward(y1, p), task.reward(y2, p)) for p, (y1, y2) in rows
           if p.meta['carries'] >= 2]
   r = np.array(hard)
   # Independent slips: P(both wrong) ~ 0.7^2, P(exactly one wrong) ~ 2 * 0.7 * 0.3.
   assert abs(np.mean((r[:, 0] == 0) & (r[:, 1] == 0)) - 0.49) < 0.04
   assert abs(np.mean(r[:, 0] != r[:, 1]) - 0.42) < 0.04
+  # Three attempts: three independent draws per problem.
+  rows = task.base_transcripts(np.random.default_rng(4), 2000, turns=3)
+  assert all(len(ys) == 3 for _, ys in rows)
+  r = np.array([[task.reward(y, p) for y in ys] for p, ys in rows if p.meta['carries'] >= 2])
+  assert abs(np.mean(r.sum(1) == 0) - 0.7**3) < 0.05
 
 
 def test_corpus_has_every_kind_of_text():

@@ -19,9 +19,9 @@ TINY = [
     "--config.model.embed_dim=32", "--config.model.hidden_dim=64", "--config.model.num_layers=1",
     "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
     "--config.tokenizer.corpus_size=300",
-    "--config.base.steps=20", "--config.base.batch_size=16",
+    "--config.phases.base.steps=20", "--config.phases.base.batch_size=16",
     "--config.rl.num_prompts=4", "--config.rl.samples_per_prompt=2",
-    "--config.stage1.steps=3", "--config.stage2.steps=12",
+    "--config.phases.stage1.steps=3", "--config.phases.stage2.steps=12",
     "--config.eval.num_problems=24", "--config.eval.batch_size=8", "--config.eval.num_transcripts=5",
     "--config.checkpoint.every=2", "--config.log_every=1",
 ]
@@ -123,8 +123,15 @@ def test_pipeline_kill_resume_and_eval(tmp_path):
     ("--config.tokenizer.path=/nonexistent/tok.model", "tokenizer.path"),
     ("--config.rl.samples_per_prompt=1", "rl.samples_per_prompt"),
     ("--config.model.num_kv_heads=3", "model.num_kv_heads"),
-    ("--config.base.source=hub", "base.source"),
-    ("--config.base.source=hf", "base.checkpoint"),
+    ("--config.init.source=hub", "init.source"),
+    ("--config.init.source=hf", "init.checkpoint"),
+    ("--config.recipe=scroe", "recipe"),
+    ("--config.phases.stage2.init=stage3", "phases.stage2.init"),
+    ("--config.phases.stage1.train_turns=(3,)", "phases.stage1.train_turns"),
+    ("--config.phases.stage1.kl_coefs=(0.1,0.1,0.1)", "phases.stage1.kl_coefs"),
+    ("--config.rl.kl_form=exact", "rl.kl_form"),
+    ("--config.rollout.temperature=0.7", "rollout.temperature"),
+    ("--config.phases.stage2.offline_turn1=0.3", "phases.stage2.offline_turn1"),
     ("--config.task.name=mathh", "task.name"),
     ("--config.prompt_format=chatml", "prompt_format"),
     ("--config.rl.microbatches=3", "rl.microbatches"),
@@ -135,3 +142,48 @@ def test_bad_config_names_the_field(tmp_path, override, field):
                        capture_output=True, text=True, timeout=60)
   assert out.returncode != 0
   assert f"config.{field}" in out.stderr, out.stderr[-2000:]
+
+
+def test_zero_step_phase_eval_mode_and_changed_settings(tmp_path):
+  """A phase of 0 steps is its init's params: trained and evaluated without a checkpoint,
+  and --config.mode=eval handles it; a workdir trained under other settings is refused."""
+  workdir = str(tmp_path / "run")
+  short = ["--config.phases.stage2.steps=2"]
+  out = subprocess.run(_cmd(workdir, "--config.phases.stage1.steps=0", *short), cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=150)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "stage1"))
+  table = json.load(open(os.path.join(workdir, "eval", "table.json")))
+  assert table["stage1"]["same_as"] == "base"
+  assert table["stage1"]["acc_t1"] == table["base"]["acc_t1"]
+  ev = subprocess.run(_cmd(workdir, "--config.phases.stage1.steps=0", *short, "--config.mode=eval"),
+                      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+  again = json.load(open(os.path.join(workdir, "eval", "table.json")))
+  assert set(again) == {"base", "stage1", "stage2"}
+  assert again["stage2"]["acc_t2"] == table["stage2"]["acc_t2"]
+  # Same workdir, another learning rate for the trained Stage II: refused, naming it.
+  bad = subprocess.run(_cmd(workdir, "--config.phases.stage1.steps=0", *short,
+                            "--config.phases.stage2.learning_rate=0.1"),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2
+  assert "phase.learning_rate: 2e-05 -> 0.1" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_three_attempt_recipe_runs_end_to_end(tmp_path):
+  workdir = str(tmp_path / "run")
+  out = subprocess.run(
+      _cmd(workdir, "--config.recipe=score3", "--config.phases.stage1a.steps=2",
+           "--config.phases.stage1b.steps=2", "--config.phases.stage2_3turn.steps=2"),
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=200)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  table = json.load(open(os.path.join(workdir, "eval", "table.json")))
+  assert list(table) == ["base", "stage1a", "stage1b", "stage2_3turn"]
+  for r in table.values():
+    assert {"acc_t1", "acc_t2", "acc_t3", "delta_t1_t2", "delta_t2_t3"} <= set(r)
+  rows = _metrics(workdir)
+  assert {"r1", "r2"} <= set(next(r for r in rows if r["phase"] == "stage1a"))
+  assert "r3" not in next(r for r in rows if r["phase"] == "stage1a")  # samples two attempts
+  assert {"r1", "r2", "r3", "kl3"} <= set(next(r for r in rows if r["phase"] == "stage1b"))
+  transcripts = open(os.path.join(workdir, "eval", "transcripts_stage2_3turn.jsonl")).readlines()
+  assert {"y1", "y2", "y3", "r3"} <= set(json.loads(transcripts[0]))

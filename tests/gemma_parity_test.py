@@ -20,8 +20,8 @@ torch.set_num_threads(1)  # Tiny models: threads only contend (measured 90x slow
 from score_jax import checkpoints
 from score_jax.weights import hf as import_hf
 from score_jax import model as model_lib
-from score_jax import rollout
-from score_jax import sampling
+from score_jax.episodes import left_pad
+from sampling_test import sampler  # pytest puts tests/ on sys.path
 
 VOCAB, WIDTH, WINDOW = 256, 64, 8
 PROMPTS = [list(range(3, 23)), [7, 9, 200, 31, 5, 77, 128, 250, 2, 64, 19, 3, 8],
@@ -88,8 +88,7 @@ class Ours:
 
   def __init__(self, config: model_lib.ModelConfig):
     self.model = model_lib.Transformer(config)
-    self.sampler = sampling.Sampler(self.model, cache_size=P + T, max_new_tokens=T,
-                                    eos_id=None)
+    self.sampler = sampler(self.model, T)
 
     def forward(params, tokens_BxL, valid_BxL):
       return self.model.apply({'params': params}, tokens_BxL,
@@ -99,7 +98,7 @@ class Ours:
 
   def check_against(self, params, hf, want_logits, want_greedy) -> float:
     """Asserts logits and greedy continuations; returns the max abs logit difference."""
-    tokens_BxP, valid_BxP = rollout.left_pad(PROMPTS, P)
+    tokens_BxP, valid_BxP = left_pad(PROMPTS, P)
     logits_BxPxV = np.asarray(self.forward(params, tokens_BxP, valid_BxP))
     diff = max(np.abs(logits_BxPxV[b][valid_BxP[b]] - want).max()
                for b, want in enumerate(want_logits))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from score_jax import model as model_lib
-from score_jax import rollout
 from score_jax import sampling
+from score_jax.episodes import left_pad
 
 CONFIG = model_lib.ModelConfig(vocab_size=48, embed_dim=32, hidden_dim=64, num_layers=2,
                                num_heads=4, num_kv_heads=2, head_dim=8)
@@ -39,7 +39,22 @@ def params(seed=0, model=MODEL):
       lambda path, x: x if 'embedder' in jax.tree_util.keystr(path) else 3 * x, init)
 
 
-REF_WIDTH = 32  # fixed buffer for the reference: one compile for every prefix length
+def sampler(model, max_len, stops=(), turns=1):
+  """`sampling.generate` jitted once: (params, tokens, valid, rng, temperature, top_k, top_p,
+  instr) -> the attempts (one Sample each; a single Sample when turns == 1)."""
+  fn = jax.jit(functools.partial(sampling.generate, model, turns=turns, max_len=max_len,
+                                 stop_ids=sampling.stop_set(None, stops)))
+
+  def run(params, tokens_BxP, valid_BxP, rng, temperature=0.0, top_k=0, top_p=1.0,
+          instr_I=None):
+    out = fn(params, tokens_BxP, valid_BxP, rng,
+             sampling.SampleParams.create(temperature, top_k, top_p), instr_I=instr_I)
+    return out[0] if turns == 1 else out
+  run.jitted = fn
+  return run
+
+
+REF_WIDTH = 40  # fixed buffer for the reference: one compile for every prefix length
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -92,9 +107,8 @@ def greedy_case():
   no_eos = [reference_greedy(params(), p, T, eos_id=-1)[0] for p in PROMPTS]
   eos = pick_eos(no_eos, T)
   refs = [reference_greedy(params(), p, T, eos) for p in PROMPTS]
-  sampler = sampling.Sampler(MODEL, cache_size=P + T, max_new_tokens=T, eos_id=eos)
-  tokens_BxP, valid_BxP = rollout.left_pad(PROMPTS, P)
-  sample = sampler(params(), tokens_BxP, valid_BxP, jax.random.key(0))
+  tokens_BxP, valid_BxP = left_pad(PROMPTS, P)
+  sample = sampler(MODEL, T, (eos,))(params(), tokens_BxP, valid_BxP, jax.random.key(0))
   return sample, [r[0] for r in refs], [r[1] for r in refs], eos
 
 
@@ -113,9 +127,8 @@ def test_sliding_window_cached_decode_matches_no_cache():
   """Window 3 over left-padded prompts + 8 answer tokens: the cache must window by rotary
   position (pads excluded), exactly as the full forward does."""
   p = params(model=WINDOW_MODEL)
-  sampler = sampling.Sampler(WINDOW_MODEL, cache_size=P + T, max_new_tokens=T, eos_id=None)
-  tokens_BxP, valid_BxP = rollout.left_pad(PROMPTS, P)
-  sample = sampler(p, tokens_BxP, valid_BxP, jax.random.key(0))
+  tokens_BxP, valid_BxP = left_pad(PROMPTS, P)
+  sample = sampler(WINDOW_MODEL, T)(p, tokens_BxP, valid_BxP, jax.random.key(0))
   refs = [reference_greedy(p, prompt, T, None, model=WINDOW_MODEL) for prompt in PROMPTS]
   np.testing.assert_array_equal(sample.tokens_BxT, [r[0] for r in refs])
   np.testing.assert_allclose(sample.logprobs_BxT, [r[1] for r in refs], atol=1e-5)
@@ -131,10 +144,8 @@ def test_stop_ids_end_rows_at_any_of_the_set():
   no_eos = [reference_greedy(params(), p, T, eos_id=-1)[0] for p in PROMPTS]
   firsts = sorted({(r.index(t), t) for r in no_eos for t in r[:T - 1]})
   stops = (firsts[0][1], firsts[-1][1])  # one stops a row early, one late
-  sampler = sampling.Sampler(MODEL, cache_size=P + T, max_new_tokens=T, eos_id=stops[0],
-                             stop_ids=stops[1:])
-  tokens_BxP, valid_BxP = rollout.left_pad(PROMPTS, P)
-  sample = sampler(params(), tokens_BxP, valid_BxP, jax.random.key(0))
+  tokens_BxP, valid_BxP = left_pad(PROMPTS, P)
+  sample = sampler(MODEL, T, stops)(params(), tokens_BxP, valid_BxP, jax.random.key(0))
   refs = [reference_greedy(params(), p, T, set(stops))[0] for p in PROMPTS]
   assert {r[-1] for r in refs} >= set(stops)  # rows did end at each of the two
   np.testing.assert_array_equal(sample.tokens_BxT, as_padded(refs, T, 0))
@@ -157,14 +168,14 @@ def test_eos_makes_later_tokens_pad_and_invalid():
 
 
 def _run(sampler, temperature=0.0, top_k=0, top_p=1.0, seed=1, prompts=PROMPTS):
-  tokens_BxP, valid_BxP = rollout.left_pad(prompts, P)
+  tokens_BxP, valid_BxP = left_pad(prompts, P)
   return sampler(params(), tokens_BxP, valid_BxP, jax.random.key(seed),
                  temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 @functools.lru_cache
 def sampler_no_eos():
-  return sampling.Sampler(MODEL, cache_size=P + T, max_new_tokens=T, eos_id=-1)
+  return sampler(MODEL, T, (-1,))
 
 
 def test_settings_are_traced_and_reproducible():
@@ -177,8 +188,7 @@ def test_settings_are_traced_and_reproducible():
   np.testing.assert_array_equal(_run(sampler, temperature=1.5, top_k=1).tokens_BxT, greedy)
   np.testing.assert_array_equal(_run(sampler, temperature=1.5, top_p=1e-6).tokens_BxT, greedy)
   _run(sampler, temperature=0.7, top_k=5, top_p=0.9)
-  assert sampler._decode._cache_size() == 1
-  assert sampler._start._cache_size() == 1
+  assert sampler.jitted._cache_size() == 1
 
 
 def full_forward_log_probs(params, tokens_BxS, valid_BxS):
@@ -199,7 +209,7 @@ def test_top_k_samples_stay_in_model_top_k():
   sampler = sampler_no_eos()
   for seed in range(3):
     sample = _run(sampler, temperature=3.0, top_k=k, seed=seed, prompts=prompts)
-    tokens_BxP, valid_BxP = rollout.left_pad(prompts, P)
+    tokens_BxP, valid_BxP = left_pad(prompts, P)
     seq = np.concatenate([tokens_BxP, sample.tokens_BxT], 1)
     valid = np.concatenate([valid_BxP, sample.valid_BxT], 1)
     logp_BxSxV = full_forward_log_probs(params(), seq, valid)[:, P - 1:-1]  # predicts each sample
@@ -231,7 +241,9 @@ def test_filter_keeps_exactly_top_k_and_nucleus(top_k, top_p):
 
 
 def test_cache_overflow_stops_decoding_and_truncates():
-  sampler = sampling.Sampler(MODEL, cache_size=P + 3, max_new_tokens=T, eos_id=-1)
-  sample = _run(sampler)
+  tokens_BxP, valid_BxP = left_pad(PROMPTS, P)
+  state = sampling.start(MODEL, params(), tokens_BxP, valid_BxP, cache_size=P + 3)
+  _, sample = sampling.decode(MODEL, params(), state, jax.random.key(1),
+                              sampling.SampleParams.create(), T, (-1,))
   np.testing.assert_array_equal(sample.lengths_B, [3] * len(PROMPTS))
   assert np.asarray(sample.truncated_B).all()

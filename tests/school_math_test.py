@@ -176,7 +176,7 @@ def test_batch_rewards_in_workers_match_inline():
 
 
 def test_base_transcripts_do_not_self_correct(task):
-  triples = task.base_transcripts(np.random.default_rng(0), 300)
+  triples = [(p, *ys) for p, ys in task.base_transcripts(np.random.default_rng(0), 300)]
   r1 = np.asarray([task.reward(y1, p) for p, y1, _ in triples])
   r2 = np.asarray([task.reward(y2, p) for p, _, y2 in triples])
   accuracy = 1 - task.config.slip_prob

@@ -62,7 +62,7 @@ def _run_sft(mesh, model, abstract, params, batch, tx, steps=2):
   opt_sh = sharding.follow_params(mesh, jax.eval_shape(tx.init, abstract), abstract, param_sh)
   repl = sharding.replicated(mesh)
   state_sh = train.TrainState(step=repl, params=param_sh, opt_state=opt_sh)
-  step = jax.jit(functools.partial(train.sft_step, model, tx, 8),
+  step = jax.jit(functools.partial(train.sft_step, model, tx, 8, ()),
                  in_shardings=(state_sh, None, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, repl), donate_argnums=0)
   p = jax.device_put(params, param_sh)

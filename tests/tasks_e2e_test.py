@@ -40,7 +40,7 @@ def _common(workdir):
       f"--workdir={workdir}",
       "--config.rl.num_prompts=4", "--config.rl.samples_per_prompt=2",
       "--config.rl.microbatches=2", "--config.rollout.batch_size=4",
-      "--config.stage1.steps=2", "--config.stage2.steps=2",
+      "--config.phases.stage1.steps=2", "--config.phases.stage2.steps=2",
       "--config.checkpoint.every=1", "--config.eval.batch_size=4",
       "--config.eval.num_transcripts=4",
   ]
@@ -55,9 +55,9 @@ def _check_run(workdir, log):
       assert np.isfinite(r["loss"]) and np.isfinite(r["kl1"]) and np.isfinite(r["kl2"])
   table = json.load(open(os.path.join(workdir, "eval", "table.json")))
   assert set(table) == {"base", "stage1", "stage2"}
-  for phase in ("base", "stage1", "stage2"):
+  for phase in ("stage1", "stage2"):
     assert os.path.isdir(os.path.join(workdir, phase))
-  assert "[base]" in log and "saved as" in log  # the imported base became our checkpoint
+  assert not os.path.exists(os.path.join(workdir, "base"))  # 0 steps: the initial weights
   return rows, table
 
 
@@ -76,7 +76,6 @@ def _tiny_hf_gemma2(directory, tokenizer):
 
 
 def test_math_config_with_an_imported_tiny_gemma2(tmp_path):
-  from score_jax import data
   from score_jax.tasks import formats
   from score_jax.tasks.rewards import math_grader
   from score_jax.tasks.math import MathTask
@@ -101,14 +100,15 @@ def test_math_config_with_an_imported_tiny_gemma2(tmp_path):
   model = dict(vocab_size=VOCAB, embed_dim=64, hidden_dim=128, num_layers=2, num_heads=2,
                num_kv_heads=1, head_dim=32, sliding_window_size=16, query_pre_attn_scalar=32)
   args = ["--config=configs/math.py", *_common(workdir),
-          f"--config.base.checkpoint={hf_dir}", f"--config.tokenizer.path={hf_dir}/tokenizer.model",
+          f"--config.init.checkpoint={hf_dir}", f"--config.tokenizer.path={hf_dir}/tokenizer.model",
           f"--config.task.train_path={DATA}/math/original/train",
           f"--config.task.eval_path={DATA}/math/math500_tiny.jsonl",
-          "--config.rollout.max_prompt_len=256", "--config.rollout.max_len_1=12",
-          "--config.rollout.max_len_2=12", "--config.rl.logprob_chunk=64",
+          "--config.rollout.max_prompt_len=256", "--config.rollout.max_len=12",
+          "--config.rl.logprob_chunk=64",
           "--config.eval.num_problems=4"] + [f"--config.model.{k}={v}" for k, v in model.items()]
   log = _run(args)
   rows, table = _check_run(workdir, log)
+  assert "[init] hf weights saved as" in log  # the imported weights became our checkpoint
   assert "mesh" in log or "devices" in log
   assert all("verifier_timeouts" in r for r in rows if r["phase"] == "stage1")
   # The reward path is the real grader: recompute every transcript's rewards here.
@@ -143,12 +143,12 @@ def _run_expect_fail(args, devices=4):
 def test_mbpp_config_trains_on_mbpp_evaluates_humaneval_and_repairs(tmp_path):
   workdir = str(tmp_path / "run")
   args = ["--config=configs/mbpp.py", *_common(workdir),
-          "--config.base.source=init", "--config.tokenizer.path=",
+          "--config.init.source=random", "--config.tokenizer.path=",
           f"--config.tokenizer.vocab_size={VOCAB}", "--config.tokenizer.corpus_size=200",
           f"--config.task.train_path={DATA}/mbpp_tiny.jsonl",
           f"--config.eval.repair_path={DATA}/mbpp_r_tiny.jsonl",
-          "--config.rollout.max_prompt_len=1024", "--config.rollout.max_len_1=12",
-          "--config.rollout.max_len_2=12", "--config.rl.logprob_chunk=128",
+          "--config.rollout.max_prompt_len=1024", "--config.rollout.max_len=12",
+          "--config.rl.logprob_chunk=128",
           "--config.eval.num_problems=4",
           f"--config.model.vocab_size={VOCAB}", "--config.model.embed_dim=32",
           "--config.model.hidden_dim=64", "--config.model.num_layers=2",

@@ -76,7 +76,6 @@ def test_vocab_too_small_is_a_clear_error(tmp_path):
 
 
 def test_chat_markers_are_single_pieces_and_missing_pieces_are_named(tmp_path):
-  from score_jax import data
   from score_jax.tasks import formats
   fmt = formats.get_prompt_format('gemma_chat')
   texts = [f'<start_of_turn>user\nAdd {i}+{i}.<end_of_turn>\n<start_of_turn>model\n{2 * i}'

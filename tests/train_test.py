@@ -3,12 +3,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from score_jax import model as model_lib
+from score_jax import objective
 from score_jax import train
 
 
@@ -26,24 +26,30 @@ def _setup(B=8, L=24):
   turn = np.where(valid, turn, 0).astype(np.int32)
   tokens = np.where(valid, rng.integers(4, 32, size=(B, L)), 0).astype(np.int32)
   batch = dict(tokens=tokens, valid=valid, turn=turn,
-               r1=rng.integers(0, 2, B).astype(np.float32),
-               r2=rng.integers(0, 2, B).astype(np.float32))
+               rewards=rng.integers(0, 2, (B, 2)).astype(np.float32))
   # The reference differs from the policy, so the KL term has a gradient too.
   ref = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), params)
   return model, params, ref, batch
 
 
-@pytest.mark.parametrize('stage,baseline', [(1, 'rloo'), (2, 'rloo'), (2, 'batch_mean')])
-def test_microbatched_step_equals_whole_batch_step(stage, baseline):
+@pytest.mark.parametrize('stage,baseline,extras', [
+    (1, 'rloo', ()), (2, 'rloo', ()), (2, 'batch_mean', ()), (1, 'rloo', ('kl_scale',)),
+    (2, 'rloo', ('onpolicy',))])
+def test_microbatched_step_equals_whole_batch_step(stage, baseline, extras):
   model, params, ref, batch = _setup()
-  cfg = ml_collections.ConfigDict(dict(
-      stage=stage, alpha=10.0, beta1=0.01, beta2=0.1, kl_estimator='k1', baseline=baseline,
-      rloo_k=2, normalize_advantages=False))
+  obj = objective.Objective(
+      turns=2, train_turns=(2,) if stage == 1 else (1, 2), reward_weights=(1., 1.),
+      alpha=0. if stage == 1 else 10., kl_coefs=(0.1, 0.01) if stage == 1 else (0.01, 0.01),
+      baselines=(baseline,) * 2, kl_estimator='k1', kl_form='sequence', rloo_k=2)
+  if 'kl_scale' in extras:
+    batch = dict(batch, kl_scale=np.array([2.0, 1.0], np.float32))
+  if 'onpolicy' in extras:
+    batch = dict(batch, onpolicy=np.array([[i % 3 > 0, True] for i in range(8)]))
   tx = optax.sgd(1.0)  # The update is the gradient itself: compares gradients directly.
   out = {}
   for micro in (1, 2, 4):
     state = train.TrainState(jnp.int32(0), params, tx.init(params))
-    step = jax.jit(functools.partial(train.rl_step, model, tx, 8, cfg, microbatches=micro))
+    step = jax.jit(functools.partial(train.rl_step, model, tx, 8, obj, microbatches=micro))
     new, m = step(state, ref, batch)
     out[micro] = (new.params, m)
   for micro in (2, 4):
@@ -66,28 +72,36 @@ def test_microbatches_are_strided_slices():
 
 def test_reference_is_a_bfloat16_copy_on_the_param_shardings(tmp_path):
   from score_jax import config_defaults
-  from score_jax import data
-  from score_jax.tasks import formats
-  from score_jax.tasks import get_task
-  from score_jax.tokenizer import Tokenizer
 
   config = config_defaults.get_config()
   config.model.update(embed_dim=32, hidden_dim=64, num_layers=1, num_heads=2, head_dim=16)
   config.rl.reference_dtype = 'bfloat16'
-  task = get_task(config.task)
-  texts = [data.transcript_text(formats.PromptFormat(), task, p, y1, y2)
-           for p, y1, y2 in task.base_transcripts(np.random.default_rng(0), 300)]
-  tok = Tokenizer.train(texts, config.tokenizer.vocab_size, tmp_path / 'tok.model')
-  trainer = train.Trainer(config, str(tmp_path), tok, task)
-  params = trainer.init_params(0)
-  ref = trainer.as_reference(params)
+  setup = train.Setup(config, str(tmp_path))
+  params = setup.init_params(0)
+  ref = setup.as_reference(params)
   for p, r, s in zip(jax.tree.leaves(params), jax.tree.leaves(ref),
-                     jax.tree.leaves(trainer.param_sh)):
+                     jax.tree.leaves(setup.param_sh)):
     assert p.dtype == jnp.float32 and r.dtype == jnp.bfloat16
     assert r.sharding == s
     np.testing.assert_array_equal(np.asarray(r), np.asarray(p.astype(jnp.bfloat16)))
   config.rl.reference_dtype = 'float32'
-  assert trainer.as_reference(params) is params  # same dtype: no copy
+  assert setup.as_reference(params) is params  # same dtype: no copy
+
+
+def test_adaptive_kl_moves_towards_its_target():
+  kl = train.AdaptiveKL(target=1.0, rate=0.1, anchored=(0,))
+  kl.update({'kl1': 3.0})  # far above: the largest step up, 1 + 0.1 * 0.2
+  assert kl.scale == pytest.approx(1.02)
+  kl.update({'kl1': 0.9})
+  assert kl.scale == pytest.approx(1.02 * (1 - 0.01))
+  np.testing.assert_allclose(kl.scale_T(3), [kl.scale, 1, 1])
+
+
+def test_best_reward_needs_a_full_window():
+  best = train.BestReward(window=3)
+  assert [best.improved(r) for r in (1.0, 1.0, 0.1, 0.2, 1.0, 1.0)] == [
+      False, False, True, False, False, True]
+  assert best.best == pytest.approx(2.2 / 3) and best.history == [0.2, 1.0, 1.0]
 
 
 def test_bfloat16_params_keep_a_float32_master_copy():

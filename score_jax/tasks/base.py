@@ -36,10 +36,11 @@ class Problem:
 
 
 class Task(abc.ABC):
-  """A two-turn self-correction task.
+  """A self-correction task.
 
   Episode (SCORE.md): x1 = prompt(problem); y1 ~ pi(.|x1);
-  x2 = [x1, y1, correction_instruction]; y2 ~ pi(.|x2); rewards reward(y_t, problem).
+  x_t = [x_{t-1}, y_{t-1}, correction_instruction]; y_t ~ pi(.|x_t); rewards
+  reward(y_t, problem).
   """
 
   name: str
@@ -66,6 +67,13 @@ class Task(abc.ABC):
     override this to verify in parallel worker processes with a per-item timeout."""
     return np.asarray([self.reward(t, p) for t, p in zip(response_texts, problems)], np.float32)
 
+  def reward_stats(self) -> dict[str, float]:
+    """Cumulative counters of the verifier (timeouts, errors) for the training log."""
+    stats = getattr(self, 'verifier_stats', None)
+    if stats is None:
+      return {}
+    return {'verifier_timeouts': stats['timeouts'], 'verifier_errors': stats['errors']}
+
   def close(self):
     """Releases worker processes or files the task holds (called at the end of a run)."""
 
@@ -78,10 +86,10 @@ class Task(abc.ABC):
     raise NotImplementedError(
         f'task {self.name!r} has no embedded base model; start from pretrained weights')
 
-  def base_transcripts(self, rng: np.random.Generator,
-                       n: int) -> list[tuple[Problem, str, str]]:
-    """(problem, y1, y2) triples for supervised training of an embedded base model: two
-    independent student attempts, so turn 2 is a fresh try, not a correction (like a real
-    base model, the result does not self-correct)."""
-    return [(p, self.student(p, rng), self.student(p, rng))
+  def base_transcripts(self, rng: np.random.Generator, n: int,
+                       turns: int = 2) -> list[tuple[Problem, list[str]]]:
+    """(problem, attempts) pairs for supervised training of an embedded base model:
+    `turns` independent student attempts, so a later attempt is a fresh try, not a
+    correction (like a real base model, the result does not self-correct)."""
+    return [(p, [self.student(p, rng) for _ in range(turns)])
             for p in self.train_problems(rng, n)]

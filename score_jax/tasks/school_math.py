@@ -32,10 +32,10 @@ answers in a check of 14 modules) and rejected factored forms of right ones. Equ
 by value, so for `algebra__polynomial_roots` ("Factor ...") an expanded answer also
 passes; comma lists (roots, prime factors, sorted sequences) must match in order.
 
-Embedded base model. `base_transcripts` gives (problem, y1, y2) with short answers in the
-final-answer form: each turn is independently right with probability 1 - `slip_prob` and
-otherwise a plausible wrong answer (one number in the right answer changed). Turn 2 is a
-fresh attempt, not a correction, so a model trained on them does not self-correct.
+Embedded base model. `base_transcripts` gives (problem, attempts) with short answers in the
+final-answer form: each attempt is independently right with probability 1 - `slip_prob` and
+otherwise a plausible wrong answer (one number in the right answer changed). A later attempt
+is a fresh one, not a correction, so a model trained on them does not self-correct.
 """
 from __future__ import annotations
 
