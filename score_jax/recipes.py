@@ -172,7 +172,10 @@ def fingerprints(config, phases: list[Phase]) -> dict[str, tuple[str, dict]]:
   out = {}
   for p in phases:
     parents = {n: out[n][0] for n in (p.cfg.init, p.cfg.get('reference', '')) if n}
-    inputs = dict(run=shared, phase=json.loads(p.cfg.to_json_best_effort()), turns=p.turns,
+    run = shared
+    if p.kind == 'sft' and p.cfg.data == 'transcripts':  # Nothing sampled: RL settings unused.
+      run = {k: v for k, v in shared.items() if k != 'rl'}
+    inputs = dict(run=run, phase=json.loads(p.cfg.to_json_best_effort()), turns=p.turns,
                   parents=parents)
     text = json.dumps(inputs, sort_keys=True)
     out[p.name] = (hashlib.sha256(text.encode()).hexdigest()[:16], inputs)
