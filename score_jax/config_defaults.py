@@ -9,18 +9,22 @@ import ml_collections
 from score_jax import sharding
 
 
-def sft_phase(init: str, steps: int, learning_rate: float, **kw) -> ml_collections.ConfigDict:
+def sft_phase(init: str, steps: int, learning_rate: float = 3e-3, **kw) -> ml_collections.ConfigDict:
   """A supervised phase (recipes.py): next-token loss on episodes in the loss layout.
 
-  data: 'transcripts' (the task's simulated student: how the embedded base is made),
-  'star' (the init model's own traces, filtered: STaR), 'pair' (its wrong and right
-  attempts paired: Pair-SFT). loss_turns: the attempts whose tokens get the loss ()=all).
-  turns: attempts per episode (0 = the run's). Adam with warmup + cosine decay.
+  data: 'transcripts' (the task's simulated student: how the embedded base is made);
+  'star' (the model's own episodes that turned a wrong first attempt into a right one),
+  'star_right' (its episodes whose last attempt is right and not worse than the first),
+  'pair' (its wrong and right first attempts at one problem, paired): self-generated, at
+  the rollout temperature, `samples` episodes in all, drawn afresh from the current params
+  at the start of each of `rounds` equal parts of the phase (saved in <workdir>/<name>_data/).
+  loss_turns: the attempts whose tokens get the loss (() = all; 'star_right' trains its
+  right attempts). turns: attempts per episode (0 = the run's). Adam, warmup + cosine.
   """
   p = ml_collections.ConfigDict(dict(
       kind='sft', init=init, steps=steps, learning_rate=learning_rate, turns=0,
       data='transcripts', loss_turns=(), batch_size=64, warmup_steps=100, weight_decay=0.0,
-      grad_clip=1.0))
+      grad_clip=1.0, samples=0, rounds=1))
   p.update(kw)
   return p
 
@@ -132,6 +136,37 @@ def get_config() -> ml_collections.ConfigDict:
   c.phases.stage2_3turn = rl_phase("stage1b", "base", 100, 2e-5, train_turns=(1, 2, 3),
                                    kl_coefs=(0.01,), alpha=10.0)
 
+  # The paper's comparison (recipes.RECIPES; README "The paper's comparison"). Budgets are
+  # tied to SCoRe's by reference, so overriding Stage I / II moves them too: every RL method
+  # trains as many steps (and episodes) as Stage I + Stage II, at Stage II's learning rate;
+  # the SFT methods sample as many episodes as SCoRe's RL does and fine-tune for as many
+  # steps. The SFT learning rate (1e-4, 10 warmup steps) was fixed before any comparison.
+  s1, s2 = c.phases.stage1, c.phases.stage2
+  rl_steps, rl_lr = s1.get_ref("steps") + s2.get_ref("steps"), s2.get_ref("learning_rate")
+  episodes = rl_steps * c.rl.get_ref("num_prompts") * c.rl.get_ref("samples_per_prompt")
+  c.phases.single_turn_rl = rl_phase("base", "base", rl_steps, rl_lr, train_turns=(1,),
+                                     kl_coefs=(0.01,), turns=1)
+  c.phases.multi_turn_rl = rl_phase("base", "base", rl_steps, rl_lr, train_turns=(1, 2),
+                                    kl_coefs=(0.01,))
+  c.phases.stage2_no_stage1 = rl_phase("base", "base", rl_steps, rl_lr, train_turns=(1, 2),
+                                       kl_coefs=(0.01,), alpha=s2.get_ref("alpha"))
+  c.phases.stage2_no_shaping = rl_phase("stage1", "base", s2.get_ref("steps"), rl_lr,
+                                        train_turns=(1, 2), kl_coefs=(0.01,))
+  c.phases.stage2_offline = rl_phase("stage1", "base", s2.get_ref("steps"), rl_lr,
+                                     train_turns=(1, 2), kl_coefs=(0.01,),
+                                     alpha=s2.get_ref("alpha"), offline_turn1=0.5)
+  sft = dict(learning_rate=1e-4, warmup_steps=10, samples=episodes, rounds=2)
+  # STaR: the base's own episodes that turned a wrong first attempt into a right one;
+  # the loss on the second attempt. Pair-SFT: the base's wrong and right first attempts at
+  # one problem as [problem, wrong, instruction, right]; the loss on the right one.
+  c.phases.star = sft_phase("base", rl_steps, data="star", loss_turns=(2,), **sft)
+  c.phases.pair_sft = sft_phase("base", rl_steps, data="pair", loss_turns=(2,), **sft)
+  # STaR in place of REINFORCE in Stage II: the Stage I model's episodes whose last attempt
+  # is right and not worse than the first, the loss on every right attempt.
+  c.phases.stage2_star = sft_phase("stage1", s2.get_ref("steps"), data="star_right",
+                                   **dict(sft, samples=s2.get_ref("steps") * c.rl.get_ref(
+                                       "num_prompts") * c.rl.get_ref("samples_per_prompt")))
+
   # Greedy evaluation on the task's held-out split after each phase.
   # repair_path: a JSONL of fixed first attempts for an offline repair evaluation
   # (MBPP-R) of code tasks; '' = none. checkpoint: evaluate one checkpoint directory.
@@ -141,6 +176,87 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every=25, keep=2))
   c.log_every = 10  # Console; every step goes to JSONL and TensorBoard.
   return c
+
+
+def _one_of(config, field: str, allowed):
+  from score_jax.recipes import check
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  check(value in allowed, field, value, f"must be one of {tuple(allowed)}")
+
+
+def check(config, num_devices: int):
+  """Fails early with a ConfigError naming the field, instead of deep inside a compiled
+  function: allowed values, sizes that must divide, paths that must exist, the recipe."""
+  import os
+  from score_jax import recipes, run, sharding  # Here: configs import this module.
+  from score_jax.recipes import check
+  from score_jax.tasks import formats, known_tasks
+  _one_of(config, "mode", ("train", "eval"))
+  phases = recipes.resolve(config)
+  _one_of(config, "init.source", run.INIT_SOURCES)
+  _one_of(config, "prompt_format", tuple(formats.PROMPT_FORMATS))
+  _one_of(config, "task.name", tuple(known_tasks()))
+  _one_of(config, "rl.reference_dtype", ("float32", "bfloat16"))
+  _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
+  _one_of(config, "model.dtype", ("float32", "bfloat16"))
+  m = config.model
+  for f in ("vocab_size", "embed_dim", "hidden_dim", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim"):
+    check(isinstance(m[f], int) and m[f] > 0, f"model.{f}", m[f], "must be a positive integer")
+  check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+        f"must divide model.num_heads={m.num_heads}")
+  r = config.rollout
+  check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")
+  check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+  check(r.top_k >= 0, "rollout.top_k", r.top_k, "must be >= 0 (0 = off)")
+  for f in ("max_prompt_len", "max_len"):
+    check(r[f] > 0, f"rollout.{f}", r[f], "must be positive")
+  rl_phases = [p.name for p in phases if p.kind == "rl" and p.steps]
+  if config.mode == "train" and rl_phases:
+    # The loss differentiates log pi itself; samples from a tempered or truncated pi would
+    # make the policy gradient biased and the KL the wrong one.
+    for f, v, plain in (("temperature", r.temperature, 1.0), ("top_k", r.top_k, 0),
+                        ("top_p", r.top_p, 1.0)):
+      check(v == plain, f"rollout.{f}", v, f"RL phases {rl_phases} sample from the policy "
+            f"itself: training needs {f}={plain} (evaluation is greedy regardless)")
+  rl = config.rl
+  if rl.baseline == "rloo":
+    check(rl.samples_per_prompt >= 2, "rl.samples_per_prompt", rl.samples_per_prompt,
+          "RLOO needs at least 2 samples per prompt (or set --config.rl.baseline=batch_mean)")
+  data_size = num_devices
+  if list(config.mesh.shape) != [-1]:
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    data_size = sharding.data_axis_size(mesh)
+  episodes = rl.num_prompts * rl.samples_per_prompt
+  check(isinstance(rl.microbatches, int) and rl.microbatches > 0
+        and episodes % (rl.microbatches * data_size) == 0, "rl.microbatches", rl.microbatches,
+        f"must divide the {episodes} episodes per step into slices that are multiples of "
+        f"the data axis size ({data_size})")
+  check(r.batch_size >= 0 and (r.batch_size == 0 or (
+      episodes % r.batch_size == 0 and r.batch_size % data_size == 0)), "rollout.batch_size",
+      r.batch_size, f"must be 0 or divide the {episodes} episodes per step, in multiples of "
+      f"the data axis size ({data_size})")
+  sizes = [("rl.num_prompts * rl.samples_per_prompt", episodes),
+           ("eval.batch_size", config.eval.batch_size)]
+  sizes += [(f"phases.{p.name}.batch_size", p.cfg.batch_size) for p in phases if p.kind == "sft"]
+  for f, v in sizes:
+    check(v > 0 and v % data_size == 0, f, v,
+          f"must be a positive multiple of the data axis size ({data_size} devices)")
+  check(config.eval.num_problems > 0, "eval.num_problems", config.eval.num_problems, "must be > 0")
+  uses_checkpoint = config.init.source != "random"
+  for f, path in (("tokenizer.path", config.tokenizer.path),
+                  ("eval.checkpoint", config.eval.checkpoint),
+                  ("eval.repair_path", config.eval.repair_path),
+                  ("init.checkpoint", config.init.checkpoint if uses_checkpoint else "")):
+    check(not path or os.path.exists(path), f, path, "no such file or directory")
+  if uses_checkpoint:
+    check(bool(config.init.checkpoint), "init.checkpoint", config.init.checkpoint,
+          f"required when init.source={config.init.source!r}")
+    check(bool(config.tokenizer.path), "tokenizer.path", config.tokenizer.path,
+          f"required with pretrained weights (init.source={config.init.source!r}): the "
+          "model's own tokenizer")
 
 
 def gemma_config(preset: str, weights_dir: str) -> ml_collections.ConfigDict:

@@ -77,16 +77,24 @@ def self_correction_metrics(rewards_BxT, attempts: Sequence[Sequence[Sequence[in
       out.update({f'delta_{pair}': f['delta'], f'delta_i2c_{pair}': f['i2c'],
                   f'delta_c2i_{pair}': f['c2i'], f'edit_ratio_{pair}': float(ratios_PxB[t].mean())})
   out.update({f'truncated_t{t + 1}': float(truncated_TxB[t].mean()) for t in range(T)})
+  out['edit_ratio_hist'] = np.histogram(ratios_PxB, bins=HIST_BINS, range=(0.0, 1.0))[0].tolist()
   out['n'] = n
   return out
 
 
-def edit_ratio_histogram(attempts, bins: int = 20) -> list[int]:
-  """Counts of consecutive-attempt edit ratios in `bins` equal bins of [0, 1] (the paper's
-  collapse figure: mass at 0 means attempts are copied)."""
-  ratios = [edit_distance_ratio(a, b) for t in range(len(attempts) - 1)
-            for a, b in zip(attempts[t], attempts[t + 1])]
-  return np.histogram(ratios, bins=bins, range=(0.0, 1.0))[0].tolist()
+HIST_BINS = 20  # of the consecutive-attempt edit ratio in [0, 1] (the paper's collapse figure)
+
+
+def majority_vote(keys: Sequence, rewards: Sequence[float]) -> float:
+  """The reward of the most common answer among samples (ties: the first to appear);
+  samples without an answer (key None) do not vote; no answer at all scores 0."""
+  counts: dict = {}
+  for key, r in zip(keys, rewards):
+    if key is not None:
+      counts.setdefault(key, [0, r])[0] += 1
+  if not counts:
+    return 0.0
+  return float(max(counts.values(), key=lambda c: c[0])[1])  # max keeps the first of ties
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,3 +339,53 @@ def evaluate_phase(episodes, name: str, params, eval_cfg, turns: int, out_dir: s
   write_json(os.path.join(out_dir, f'{name}.json'), result)
   print(f'[eval {name}]\n{format_table({name: result})}', flush=True)
   return result
+
+
+def inference_scaling(episodes, params, problems: Sequence, max_k: int, batch_size: int,
+                      temperature: float = 0.7, seed: int = 0) -> dict:
+  """SCORE.md "inference-time scaling": for a budget of 2K samples per problem, the
+  majority vote over 2K parallel first attempts against the vote over the second attempts
+  of K parallel first attempts, each self-corrected once; K = 1..max_k.
+
+  Per problem: max_k two-attempt episodes and max_k more single first attempts, all at
+  `temperature`; the curves use prefixes of them, so every K sees the same samples.
+  """
+  import jax
+  from score_jax import sampling
+  sample_params = sampling.SampleParams.create(temperature)
+  task, n = episodes.task, len(problems)
+  repeated = [p for p in problems for _ in range(max_k)]  # problem-major: [n * max_k]
+
+  def attempts(turns: int, salt: int):
+    keys, rewards = [], []
+    for start, batch, m in padded_batches(repeated, batch_size):
+      b = episodes.score(episodes.sample(params, batch, jax.random.key(seed * 7919 + salt + start),
+                                         sample_params, turns))
+      keys += [[task.answer_key(b.texts[t][i]) for t in range(turns)] for i in range(m)]
+      rewards += b.rewards_BxT[:m].tolist()
+    shape = (n, max_k, turns)
+    return np.asarray(keys, object).reshape(shape), np.asarray(rewards).reshape(shape)
+  keys2, rewards2 = attempts(2, 0)  # [n, K, 2]
+  keys1, rewards1 = attempts(1, 1 << 20)  # [n, K, 1]
+  out = dict(k=list(range(1, max_k + 1)), parallel=[], sequential=[], n=n,
+             temperature=temperature)
+  for k in out['k']:
+    par = [majority_vote(list(keys2[i, :k, 0]) + list(keys1[i, :k, 0]),
+                         list(rewards2[i, :k, 0]) + list(rewards1[i, :k, 0])) for i in range(n)]
+    seq = [majority_vote(list(keys2[i, :k, 1]), list(rewards2[i, :k, 1])) for i in range(n)]
+    out['parallel'].append(float(np.mean(par)))
+    out['sequential'].append(float(np.mean(seq)))
+  return out
+
+
+def fixed_repair_accuracy(episodes, params, problems: Sequence, first_attempts: Sequence[str],
+                          batch_size: int) -> float:
+  """Greedy second attempts after the same given (wrong) first attempts, e.g. the base's:
+  correction skill compared on the same mistakes for every model."""
+  import jax
+  from score_jax import sampling
+  texts = []
+  for start, batch, m in padded_batches(list(zip(problems, first_attempts)), batch_size):
+    texts += episodes.repair(params, [p for p, _ in batch], [a for _, a in batch],
+                             jax.random.key(start), sampling.SampleParams.create(0.0))[:m]
+  return float(np.mean(episodes.task.rewards(texts, list(problems))))

@@ -23,7 +23,7 @@ import ml_collections
 from score_jax import objective as objective_lib
 
 KINDS = ('sft', 'rl')
-SFT_DATA = ('transcripts', 'star', 'pair')  # the task's student | filtered own traces | pairs
+SFT_DATA = ('transcripts', 'star', 'star_right', 'pair')  # config_defaults.sft_phase
 SELECT = ('last', 'best_reward')  # which params a phase hands on (see train.py)
 
 
@@ -38,6 +38,18 @@ RECIPES = {
     'score': Recipe(('base', 'stage1', 'stage2'), 2, 'SCoRe: Stage I, then Stage II'),
     'score3': Recipe(('base', 'stage1a', 'stage1b', 'stage2_3turn'), 3,
                      'three-attempt SCoRe (extended paper): Stage 1(a), 1(b), 2'),
+    # The paper's Table 2 (methods) and Table 4 (ablations); SCORE.md.
+    'self_refine': Recipe(('base',), 2, 'the base, prompted with the correction instruction'),
+    'star': Recipe(('base', 'star'), 2, 'STaR: SFT on own traces that correct'),
+    'pair_sft': Recipe(('base', 'pair_sft'), 2, 'Pair-SFT: SFT on own (wrong, right) pairs'),
+    'single_turn_rl': Recipe(('base', 'single_turn_rl'), 2, 'w/o multi-turn training'),
+    'multi_turn_rl': Recipe(('base', 'multi_turn_rl'), 2, 'both rewards, no Stage I, no bonus'),
+    'score_no_stage1': Recipe(('base', 'stage2_no_stage1'), 2, 'w/o Stage I'),
+    'score_no_shaping': Recipe(('base', 'stage1', 'stage2_no_shaping'), 2, 'w/o reward shaping'),
+    'score_star_stage2': Recipe(('base', 'stage1', 'stage2_star'), 2,
+                                'STaR instead of REINFORCE in Stage II'),
+    'score_offline_turn1': Recipe(('base', 'stage1', 'stage2_offline'), 2,
+                                  'base first attempts mixed into Stage II'),
 }
 
 
@@ -141,6 +153,12 @@ def resolve(config) -> list[Phase]:
       check(all(1 <= t <= phase_turns for t in p.loss_turns), f'{f}.loss_turns', p.loss_turns,
             f'must name attempts in 1..{phase_turns} (empty = all)')
       check(p.batch_size > 0, f'{f}.batch_size', p.batch_size, 'must be positive')
+      if p.data != 'transcripts':
+        check(p.samples > 0, f'{f}.samples', p.samples, 'self-generated data needs samples > 0')
+        check(1 <= p.rounds <= max(p.steps, 1), f'{f}.rounds', p.rounds,
+              f'must be between 1 and the phase\'s {p.steps} steps')
+        check(phase_turns >= (1 if p.data == 'pair' else 2) and (p.data != 'pair' or phase_turns == 2),
+              f'{f}.turns', p.turns, f'{p.data} data needs two attempts')
     phases.append(Phase(name, index, p, phase_turns, obj))
     seen.add(name)
   return phases

@@ -105,8 +105,10 @@ class Run:
     self.check_fingerprint(phase)
     init = lambda: self.params_of(phase.cfg.init)
     if phase.kind == "sft":
-      return train.sft_phase(self.setup, self.episodes, phase, init,
-                             lambda rng, n: self.task.base_transcripts(rng, n, phase.turns))
+      rows = (train.transcript_rows(self.task, phase, self.config.seed)
+              if phase.cfg.data == "transcripts" else train.self_generated_rows(
+                  self.setup, self.episodes, phase, os.path.join(self.workdir, f"{phase.name}_data")))
+      return train.sft_phase(self.setup, self.episodes, phase, init, rows)
     reference = self.setup.as_reference(self.params_of(phase.cfg.reference))
     return train.rl_phase(self.setup, self.episodes, phase, init, reference)
 
@@ -205,8 +207,10 @@ def initial_params(run: Run):
   return params
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """--config.mode=train: every phase of the recipe, evaluated after it; then the report."""
+def train_and_evaluate(config, workdir: str, after=None) -> dict:
+  """--config.mode=train: every phase of the recipe, evaluated after it; then the report.
+  `after(run, results)`, if given, runs before the run's workers close (the experiment
+  suite measures more there)."""
   run = Run(config, workdir)
   try:
     print("recipe " + config.recipe + ":\n" + recipes.describe(run.phases), flush=True)
@@ -220,6 +224,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       results[phase.name] = run.evaluate(phase.name, params, results, phase.steps or None)
       del params  # One policy at a time.
     evaluate.report(os.path.join(workdir, "eval"), results)
+    if after is not None:
+      after(run, results)
     return results
   finally:
     run.close()

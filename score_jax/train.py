@@ -8,9 +8,9 @@ checkpoint directory, asks episodes.py for a batch each step, writes metrics and
 checkpoints, and hands on the phase's params. Which phase runs when, and from which
 params, is decided in run.py.
 """
-import collections
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -29,6 +29,7 @@ from score_jax import sampling
 from score_jax import sharding
 from score_jax import writers
 from score_jax.model import ModelConfig, Transformer, causal_attention_mask, positions_from_valid
+from score_jax.tasks.base import Problem
 
 
 @flax.struct.dataclass
@@ -249,6 +250,10 @@ def best_dir(workdir: str, name: str) -> str:
 # The loop over one phase.
 
 
+class NoData(Exception):
+  """A phase's batch source has nothing to train on (e.g. STaR kept no episode)."""
+
+
 class _Checkpoints:
   """The phase's directory (latest steps, for resume) and, with select=best_reward, the
   best params so far in <name>_best."""
@@ -311,7 +316,13 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
   try:
     for step in range(start, steps):
       t0 = time.time()
-      batch, host_metrics = batch_fn(state.params, step)
+      try:
+        batch, host_metrics = batch_fn(state.params, step)
+      except NoData as e:  # Finished as it stands, so a rerun does not try again.
+        print(e, flush=True)
+        ckpt.main.save(steps, state.params, state.opt_state, dict(phase=name, no_data=True),
+                       force=True)
+        break
       if kl is not None:
         batch["kl_scale"] = kl.scale_T(phase.turns)
       if jitted is None:  # The batch's keys decide its shardings: [B, ...] split, the rest not.
@@ -403,17 +414,80 @@ def rl_phase(setup: Setup, eps, phase, init_params: Callable, ref_params):
                      init_params, ref_params, kl, best)
 
 
-def sft_phase(setup: Setup, eps, phase, init_params: Callable, transcripts_fn: Callable):
-  """A supervised phase on `transcripts_fn(rng, n) -> [(problem, attempt texts)]`."""
+def sft_phase(setup: Setup, eps, phase, init_params: Callable, rows_fn: Callable):
+  """A supervised phase on `rows_fn(params, step) -> [(problem, attempt texts, trained)]`:
+  the loss on the attempts marked trained (and in `loss_turns`, when given)."""
   cfg, p = setup.config, phase.cfg
   tx = make_optimizer(p.learning_rate, p.grad_clip, p.warmup_steps, p.steps, p.weight_decay,
                       setup.float32_master)
   step_fn = functools.partial(sft_step, setup.model, tx, cfg.rl.logprob_chunk, tuple(p.loss_turns))
 
   def batch_fn(params, step):
-    del params  # Off-policy data.
-    rows = transcripts_fn(np.random.default_rng([cfg.seed, phase.index, step]), p.batch_size)
+    rows = rows_fn(params, step)
     layout = episodes_lib.loss_layout(
-        eps.transcript_batch([q for q, _ in rows], [a for _, a in rows]), eps.instr_I)
-    return {k: layout[k] for k in ("tokens", "valid", "turn")}, {}
+        eps.transcript_batch([q for q, _, _ in rows], [a for _, a, _ in rows]), eps.instr_I)
+    trained_BxT = np.asarray([m for _, _, m in rows], bool)
+    turn = layout["turn"]
+    keep = np.take_along_axis(trained_BxT, np.maximum(turn - 1, 0), axis=1) & (turn > 0)
+    return dict(tokens=layout["tokens"], valid=layout["valid"],
+                turn=np.where(keep, turn, 0).astype(np.int32)), {}
   return train_phase(setup, phase, tx, step_fn, batch_fn, init_params)
+
+
+def transcript_rows(task, phase, seed: int):
+  """The task's simulated student (the embedded base model's data), fresh each step."""
+  def rows_fn(params, step):
+    del params  # Off-policy data.
+    rng = np.random.default_rng([seed, phase.index, step])
+    return [(q, a, [True] * len(a))
+            for q, a in task.base_transcripts(rng, phase.cfg.batch_size, phase.turns)]
+  return rows_fn
+
+
+def self_generated_rows(setup: Setup, eps, phase, directory: str):
+  """STaR / Pair-SFT data: at the start of each of `rounds` equal parts of the phase,
+  `samples / rounds` episodes drawn from the current params (at the rollout temperature)
+  and filtered (episodes.star_rows / pair_rows); saved as <directory>/round<r>.jsonl, so a
+  resumed phase trains on the same data. Batches are drawn from the round's rows with
+  (seed, phase, step)."""
+  cfg, p, rl, r = setup.config, phase.cfg, setup.config.rl, setup.config.rollout
+  sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
+  per_call = rl.num_prompts * rl.samples_per_prompt
+  rows_of = {}
+
+  def generate(params, rnd: int):
+    rng = np.random.default_rng([cfg.seed, phase.index, 1_000_000 + rnd])
+    turns = 1 if p.data == "pair" else phase.turns
+    rows, n, sampled = [], p.samples // p.rounds, 0
+    while sampled < n:
+      problems = [q for q in eps.task.train_problems(rng, rl.num_prompts)
+                  for _ in range(rl.samples_per_prompt)]
+      key = jax.random.fold_in(jax.random.key(cfg.seed), phase.index * 1_000_003 + 500_000 + sampled)
+      batch = eps.score(eps.sample(params, problems, key, sample_params, turns, r.batch_size))
+      rows += (episodes_lib.pair_rows(batch, rl.samples_per_prompt, rng) if p.data == "pair"
+               else episodes_lib.star_rows(batch, p.data))
+      sampled += per_call
+    print(f"[{phase.name}] round {rnd}: kept {len(rows)} of {sampled} sampled episodes "
+          f"({p.data})", flush=True)
+    if not rows:
+      raise NoData(f"[{phase.name}] {p.data} kept none of {sampled} episodes: nothing to "
+                   "train on; the phase hands on its init's params")
+    return rows
+
+  def rows_fn(params, step):
+    rnd = step * p.rounds // p.steps
+    if rnd not in rows_of:
+      path = os.path.join(directory, f"round{rnd}.jsonl")
+      if os.path.exists(path):
+        with open(path) as f:
+          rows_of[rnd] = [(Problem(**d["problem"]), d["attempts"], d["trained"])
+                          for d in map(json.loads, f)]
+      else:
+        rows_of[rnd] = generate(params, rnd)
+        evaluate.write_jsonl(path, (dict(problem=dataclasses.asdict(q), attempts=a, trained=m)
+                                    for q, a, m in rows_of[rnd]))
+    rows = rows_of[rnd]
+    picks = np.random.default_rng([cfg.seed, phase.index, step]).integers(len(rows),
+                                                                          size=p.batch_size)
+    return [rows[i] for i in picks]
+  return rows_fn

@@ -93,7 +93,21 @@ def test_three_attempts_on_hand_case():
   assert m['edit_ratio_zero_share'] == pytest.approx(4 / 8)
   table = ev.format_table({'m': m}).splitlines()[0].split()
   assert table[:4] == ['model', 'Acc@t1', 'Acc@t2', 'Acc@t3'] and 'Δt1t2' in table
-  assert ev.edit_ratio_histogram(attempts, bins=2) == [4, 4]  # four zeros; 0.5 is in the upper bin
+  hist = m['edit_ratio_hist']  # 20 bins of [0, 1]; the last one includes 1
+  assert len(hist) == 20 and sum(hist) == 8
+  assert hist[0] == 4 and hist[10] == 2 and hist[13] == 1 and hist[19] == 1
+
+
+@pytest.mark.parametrize('keys,rewards,want', [
+    (['5', '7', '5'], [1, 0, 1], 1.0),       # the majority is right
+    (['5', '7', '7'], [1, 0, 0], 0.0),       # the majority is wrong
+    (['7', '5'], [0, 1], 0.0),               # a tie: the first answer to appear
+    ([None, None, '5'], [0, 0, 1], 1.0),     # samples without an answer do not vote
+    ([None, None], [0, 0], 0.0),             # no answer at all
+    (['4', None, '4', '9', '9', '9'], [0, 0, 0, 1, 1, 1], 1.0),
+])
+def test_majority_vote_by_hand(keys, rewards, want):
+  assert ev.majority_vote(keys, rewards) == want
 
 
 def test_self_correction_metrics_input_errors():

@@ -242,6 +242,10 @@ class ArithmeticTask(Task):
     claimed = parse_answer(response_text)
     return float(claimed is not None and claimed == int(problem.answer))
 
+  def answer_key(self, response_text: str) -> str | None:
+    claimed = parse_answer(response_text)
+    return None if claimed is None else str(claimed)
+
   def student(self, problem: Problem, rng: np.random.Generator) -> str:
     return student_response(problem.meta['operands'], rng, self.config.slip_prob,
                             self.config.slip_min_carries)

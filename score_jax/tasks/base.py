@@ -62,6 +62,12 @@ class Task(abc.ABC):
   def reward(self, response_text: str, problem: Problem) -> float:
     """Binary oracle reward r(y, y*) in {0.0, 1.0}; malformed responses get 0.0."""
 
+  def answer_key(self, response_text: str) -> str | None:
+    """The response's final answer, normalised so that equal answers compare equal (for a
+    majority vote over samples); None when it states none. Tasks whose answers cannot be
+    voted on (programs) leave this unimplemented."""
+    raise NotImplementedError(f'task {self.name!r} has no answer to vote on')
+
   def rewards(self, response_texts: Sequence[str], problems: Sequence[Problem]) -> np.ndarray:
     """Rewards of a batch, float32 [n]. Tasks with slow verifiers (sympy, a code sandbox)
     override this to verify in parallel worker processes with a per-item timeout."""

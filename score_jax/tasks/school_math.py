@@ -358,6 +358,10 @@ class SchoolMathTask(PooledGrading, Task):
   def prompt(self, problem: Problem) -> str:
     return self.config.prompt_template.format(question=problem.prompt)
 
+  def answer_key(self, response_text: str) -> str | None:
+    answer = extract_answer(response_text)
+    return None if answer is None else _normalise(answer)
+
   def reward(self, response_text: str, problem: Problem) -> float:
     return grade(response_text, problem.answer)
 
