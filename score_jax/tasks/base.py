@@ -69,6 +69,12 @@ class Task(abc.ABC):
   def close(self):
     """Releases worker processes or files the task holds (called at the end of a run)."""
 
+  def reward_stats(self) -> dict[str, float]:
+    """Cumulative counts of the reward path since construction, logged every RL step, so a
+    run that starts to game its verifier shows it: flat metric names (`hack_nonbuiltin`,
+    `sandbox_timeouts`, `math_hedged`, `verifier_timeouts`, ...). {} when there are none."""
+    return {}
+
   @abc.abstractmethod
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """`n` texts for training a tokenizer that covers everything this task shows the model."""
