@@ -153,7 +153,8 @@ def _entry_point(record: dict) -> str | None:
 def mbpp_problem(record: dict) -> Problem:
   return Problem(id=f'mbpp/{record["task_id"]}', prompt=record['text'], answer=record['code'],
                  meta={'source': 'mbpp', 'task_id': int(record['task_id']),
-                       'tests': mbpp_tests(record), 'entry_point': _entry_point(record)})
+                       'tests': mbpp_tests(record), 'setup': record.get('test_setup_code') or '',
+                       'entry_point': _entry_point(record)})
 
 
 def _merged(cfg: ml_collections.ConfigDict | None, name: str) -> ml_collections.ConfigDict:
@@ -230,7 +231,10 @@ class MBPPTask(_SandboxRewards, Task):
     return mbpp_prompt(self.records[problem.meta['task_id']], self.fewshot)
 
   def program_and_tests(self, response_text: str, problem: Problem) -> tuple[str, str]:
-    return extract_program(response_text, problem.meta.get('entry_point')), problem.meta['tests']
+    # The tests run in their own namespace; the setup code (`PI = 3.14`) runs in both,
+    # after the program, since reference programs read its names.
+    program = extract_program(response_text, problem.meta.get('entry_point'))
+    return f'{program}\n\n{problem.meta["setup"]}\n', problem.meta['tests']
 
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """Prompts, reference programs and the instruction, in rotation."""
