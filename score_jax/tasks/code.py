@@ -25,6 +25,7 @@ code, cut to the longest prefix that parses (drops prose before and after).
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import json
 import os
@@ -48,6 +49,8 @@ SPLITS = {'prompt': (1, 10), 'test': (11, 510), 'validation': (511, 600),
           'train': (601, 974)}
 FEWSHOT_IDS = (2, 3, 4)
 _FENCE_RE = re.compile(r'```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)', re.DOTALL)
+_COUNTERS = ('hack_nonbuiltin', 'hack_patched', 'hack_audit_blocked', 'sandbox_timeouts',
+             'sandbox_crashes', 'sandbox_errors', 'sandbox_output_floods')
 _CODE_START_RE = re.compile(r'^(def |class |import |from |@|async def |[A-Za-z_]\w*\s*=)')
 
 
@@ -182,7 +185,26 @@ class _SandboxRewards:
       raise ValueError(f'{len(texts)} responses for {len(problems)} problems')
     jobs = [self.program_and_tests(t, p) for t, p in zip(texts, problems)]
     results = sandbox.run_many(jobs, self.limits, self.config.max_parallel)
+    counts = self._sandbox_counts
+    for r in results:
+      if r.hack:
+        counts['hack_' + r.hack] += 1
+      counts['hack_audit_blocked'] += r.audit_blocked
+      counts['sandbox_timeouts'] += r.status == 'timeout'
+      counts['sandbox_crashes'] += r.status == 'killed'
+      counts['sandbox_errors'] += r.status == 'error'
+      counts['sandbox_output_floods'] += r.flooded
     return np.asarray([float(r.passed) for r in results], np.float32)
+
+  @property
+  def _sandbox_counts(self) -> collections.Counter:
+    return self.__dict__.setdefault('_counts', collections.Counter())
+
+  def reward_stats(self) -> dict[str, float]:
+    """Cumulative counts over every program run: rejected results (`hack_nonbuiltin`,
+    `hack_patched`), audit-hook refusals, timeouts, crashes (signals), sandbox errors and
+    output floods."""
+    return {k: float(self._sandbox_counts[k]) for k in _COUNTERS}
 
   def reward(self, response_text: str, problem: Problem) -> float:
     return float(self.rewards([response_text], [problem])[0])

@@ -108,7 +108,15 @@ class Result:
   returncode: int | None = None
   reason: str = ''         # why 'rejected', as the harness wrote it
   audit_blocked: int = 0   # operations the harness's audit hook refused
-  flooded: bool = False    # stdout or stderr overflowed its kept tail (output_bytes)
+  flooded: bool = False    # stdout or stderr overflowed its kept tail
+
+  @property
+  def hack(self) -> str:
+    """'nonbuiltin' (a returned value was not made of builtin types), 'patched' (the
+    program changed builtins or modules the tests use) or '' (not rejected)."""
+    if self.status != 'rejected':
+      return ''
+    return 'patched' if self.reason.startswith('patched') else 'nonbuiltin'
 
 
 # The harness (sandbox_harness.py), sent as text: the child needs no file of this repository.

@@ -25,7 +25,7 @@ patching builtins, `type`, `isinstance` or harness functions changes nothing; ex
 are compared by `type(x) is T` with the captured `type`, never `isinstance` (which
 `__instancecheck__` and `__class__` answer). The audit hook refuses what would reach the
 harness's or the tests' state: frames (`sys._getframe`, `tb_frame`, `gi_frame`, ...),
-`gc` referrers/objects, new audit hooks, tracing, changing a function's code or defaults,
+`gc` referrers/objects, new audit hooks, tracing, changing the harness's functions,
 sockets, ctypes; each refusal writes `A` to the events pipe, which the parent counts.
 """
 import builtins
@@ -236,7 +236,9 @@ def _guarded_call(state, *args, **kwargs):
   return check(fn(*args, **kwargs), name)
 
 
-def _test_namespace(program_ns: dict, names: list, test_builtins: dict, check) -> dict:
+def _test_namespace(program_ns: dict, names: list, test_builtins: dict, check,
+                    _method=types.MethodType, _callable=callable, _call=_guarded_call) -> dict:
+  """Runs after the program: everything it uses is a default argument."""
   ns = {'__name__': '__tests__', '__builtins__': test_builtins}
   for name, raw in names:
     if name in program_ns:  # else the tests raise NameError, as without the sandbox
@@ -244,16 +246,18 @@ def _test_namespace(program_ns: dict, names: list, test_builtins: dict, check) -
       label = name.encode()
       if raw:  # only called to build arguments of program calls (`Pair` in MBPP)
         ns[name] = obj
-      elif callable(obj):
-        ns[name] = types.MethodType(_guarded_call, (obj, check, label))
+      elif _callable(obj):
+        ns[name] = _method(_call, (obj, check, label))
       else:
         ns[name] = check(obj, label)
   return ns
 
 
-def _audit_hook(events_fd: int, phase: list):
-  def hook(event, args, _phase=phase, _write=os.write, _fd=events_fd, _type=type,
-           _function=types.FunctionType, _refused=_REFUSED_EVENTS,
+def _audit_hook(events_fd: int, phase: list, protected: tuple):
+  """The hook; it refuses to change the code or defaults of the `protected` functions
+  (the harness's own: other functions may, as `namedtuple` does)."""
+  def hook(event, args, _phase=phase, _write=os.write, _fd=events_fd, _id=id,
+           _protected=set(map(id, protected)), _refused=_REFUSED_EVENTS,
            _prefixes=('socket.', 'ctypes.', '_ssl.'),
            _setattr=frozenset(('object.__setattr__', 'object.__delattr__')),
            _frames=frozenset(('tb_frame', 'gi_frame', 'cr_frame', 'ag_frame')),
@@ -267,7 +271,7 @@ def _audit_hook(events_fd: int, phase: list):
       raise _ValueError('call stack is not deep enough')  # what typing & co. catch
     if not (event in _refused or event.startswith(_prefixes)
             or (event == 'object.__getattr__' and args[1] in _frames)
-            or (event in _setattr and _type(args[0]) is _function
+            or (event in _setattr and _id(args[0]) in _protected
                 and args[1] in _function_attrs)):
       return
     try:
@@ -275,6 +279,7 @@ def _audit_hook(events_fd: int, phase: list):
     except _OSError:
       pass
     raise _RuntimeError('sandbox: ' + event + ' is not allowed')
+  hook.__defaults__[4].add(id(hook))
   return hook
 
 
@@ -283,7 +288,9 @@ def _candidate_then_seal(program, tests, names, test_builtins, check, phase, res
                          _read=os.read, _exit=os._exit, _getpid=os.getpid, _kill=os.kill,
                          _listdir=os.listdir, _gc_disable=gc.disable, _signal=signal.signal,
                          _out=sys.stdout, _err=sys.stderr, _builtins=builtins,
-                         _test_namespace=_test_namespace, _BaseException=BaseException):
+                         _test_namespace=_test_namespace, _range=range, _len=len,
+                         _nsig=signal.NSIG, _ignore=signal.SIG_IGN,
+                         _BaseException=BaseException, _OSError=OSError):
   """Runs candidate code, then proves the tests returned. Uses only its arguments."""
   me = _getpid()
   program_ns = {'__name__': '__candidate__', '__builtins__': _builtins}
@@ -309,22 +316,22 @@ def _candidate_then_seal(program, tests, names, test_builtins, check, phase, res
   # cannot exist (audit hook, seccomp); gc off (no finalizers); signals ignored where
   # seccomp is unavailable; every other process of the namespace SIGKILLed.
   _gc_disable()
-  for s in range(1, signal.NSIG):
+  for s in _range(1, _nsig):
     try:
-      _signal(s, signal.SIG_IGN)
-    except (OSError, ValueError, RuntimeError):
+      _signal(s, _ignore)
+    except _BaseException:
       pass
   if _getpid() != me:
     _exit(3)   # a forked copy of the harness
   if me == 1:
     try:
       _kill(-1, 9)  # pid 1 of our namespace: every other process in it
-    except ProcessLookupError:
+    except _OSError:
       pass  # there was none
   try:
-    if len(_listdir('/proc/self/task')) != 1:
+    if _len(_listdir('/proc/self/task')) != 1:
       _exit(4)   # a candidate thread is still alive
-  except OSError:
+  except _OSError:
     _exit(4)
   for f in (_out, _err):
     try:
@@ -349,9 +356,12 @@ def main():
   _seccomp(libc)
   watched, copies = _snapshot(payload['imports'])
   test_builtins = dict(builtins.__dict__, __import__=_importer(copies, builtins.__import__))
-  check = _checker(watched, _rejecter(cfg['result_fd']))
+  reject = _rejecter(cfg['result_fd'])
+  check = _checker(watched, reject)
+  importer = test_builtins['__import__']
   phase = [True]
-  sys.addaudithook(_audit_hook(cfg['events_fd'], phase))
+  sys.addaudithook(_audit_hook(cfg['events_fd'], phase, (
+      check, reject, importer, _guarded_call, _test_namespace, _candidate_then_seal)))
   _candidate_then_seal(payload['program'], payload['tests'], payload['names'],
                        test_builtins, check, phase, cfg['result_fd'], cfg['nonce_fd'])
 
