@@ -1,16 +1,21 @@
 """Runs untrusted, model-written Python against unit tests, in a child process.
 
-Only `run_tests`, `run_many` and `isolation_report` are public. A run is one fresh child:
+Only `run_tests`, `run_many`, `test_plan` and `isolation_report` are public. A run is one
+fresh child:
 
   trainer --Popen(start_new_session)--> [unshare --net --pid --mount --mount-proc --fork]
-      --> harness = `python -I -S -c _HARNESS` (pid 1 of a new pid namespace)
-            trusted phase: read {program, tests} from stdin, stdin := /dev/null, mount
+      --> harness = `python -I -S -c <sandbox_harness.py>` (pid 1 of a new pid namespace)
+            trusted phase: read {program, tests, test plan} from stdin, stdin := /dev/null,
             size-capped tmpfs on every world-writable dir (/tmp, /var/tmp, /dev/shm,
-            /run/lock) and make the work dir there, rlimits (CPU, address space, file
-            size, processes, open files, no core), drop to a per-run unprivileged uid/gid
-            (root only), no_new_privs, an audit hook (no sockets, no ctypes, no tracers).
-            untrusted phase: exec(program); exec(tests) in one namespace.
+            /run/lock) with the work dir there, rlimits (CPU, address space, file size,
+            processes, open files, no core), a per-run unprivileged uid/gid (root only),
+            no_new_privs, not dumpable, a seccomp filter (no signal handlers, no threads),
+            snapshots of what the tests use, an audit hook (no frames, gc referrers,
+            sockets, ctypes, tracers, new hooks).
+            untrusted phase: exec(program); the tests in their own namespace, every value
+            a program function returns checked (exact builtin types only).
             proof: see below; then os._exit.
+See sandbox_harness.py for what the tests' namespace holds and what is checked when.
 
 Isolation by platform (`isolation_report()` says which is in force; measured on the
 development VM, root, kernel 6.18, util-linux 2.38: mode `root-namespaces`):
@@ -37,20 +42,24 @@ exactly `b'D' + nonce` on a private result pipe and the child exited 0 in time. 
 (secrets.token_hex, per run) is not in the child at all while candidate code can run: the
 child writes `D` ("tests returned") after the tests, the parent only then writes the nonce
 into a second pipe, and the harness echoes it back. Hence these earn nothing: exiting early
-(sys.exit(0), os._exit(0), SystemExit / KeyboardInterrupt / any BaseException in a test:
-the harness catches BaseException and reports failure), printing a fake success line
-(stdout is not the result pipe), searching memory or frames for the nonce during the tests
-(it is not there yet), monkeypatching builtins / sys / os / the checker (the harness keeps
-private references taken before candidate code runs; `assert` uses the real
-AssertionError), forking a copy of the harness (only the original pid may answer, and a
-second `D` spoils the exact match). Before reading the nonce the harness "seals" itself:
-tracing/profiling off, gc off (no finalizers), all signals ignored, every other process of
-the namespace SIGKILLed, and it refuses if another thread is alive. Not defended, by
-design of a single-interpreter harness: candidate code written against this harness that
-writes `D` to the result fd itself and echoes the nonce (the fds are findable); a C-level
-memory writer (ctypes is blocked by the audit hook, but that hook is a second layer, not
-a boundary); and test-semantic hacks such as returning an object whose __eq__ is always
-True -- the sandbox proves the tests ran to the end, not that the tests are strong.
+(sys.exit(0), os._exit(0), SystemExit / KeyboardInterrupt / SkipTest / any BaseException in
+a test: the harness catches BaseException and reports failure), printing a fake success
+line (stdout is not the result pipe), searching memory or frames for the nonce during the
+tests (it is not there yet), forking a copy of the harness (only the original pid may
+answer, and a second `D` spoils the exact match). The tests' verdict itself is protected
+by the harness (sandbox_harness.py): values compared are exact builtins (always-equal
+objects, builtin subclasses, `__class__` spoofing and metaclasses are rejected: status
+'rejected'); builtins and imported modules patched by the program are rejected too; the
+tests' own builtins and modules are private copies; frames (where the tests' data and the
+harness's state live) are unreachable. tests/reward_hacks_test.py runs each family.
+
+Not defended, by design of a single-interpreter harness: code written against this
+harness that writes `D` to the result fd itself and echoes the nonce (the fds are in
+argv); a C-level memory writer (ctypes is blocked by the audit hook, a second layer, not
+a boundary); in-place changes to mutable state inside stdlib modules the tests use (e.g.
+`copy._deepcopy_dispatch[list] = ...`: only module and class dicts are compared); and
+weak tests -- the sandbox proves the tests ran to the end on real values, not that the
+tests are strong. The seccomp filter exists for x86_64 and aarch64 only.
 """
 from __future__ import annotations
 
@@ -208,13 +217,21 @@ def _isolation() -> str:
   return 'plain'
 
 
+def _seccomp_report() -> str:
+  if os.uname().machine in ('x86_64', 'aarch64'):
+    return 'seccomp filter: no signal handlers, no threads'
+  return f'NO seccomp filter on {os.uname().machine}: signal handlers can see frames'
+
+
 def isolation_report() -> str:
   """What isolation is actually in force for runs on this machine, in words."""
   mode = _isolation()
   common = ('own session/process group, SIGKILL of the session at the wall limit; rlimits '
             'CPU, address space, file size, processes, open files, no core; env only '
             'PATH/LANG/HOME/TMPDIR; `python -I -S`; stdin=/dev/null; output tails capped; '
-            'audit hook blocks socket/ctypes/settrace (second layer only); nonce proof')
+            'not dumpable; ' + _seccomp_report() + '; audit hook blocks frames, gc '
+            'referrers, socket, ctypes, settrace (second layer only); results checked to '
+            'be builtin values; nonce proof')
   if mode == 'root-namespaces':
     return (f'{mode}: new network namespace (no interfaces up: no network), new pid '
             'namespace (everything dies with the harness, setsid orphans included), new '

@@ -256,12 +256,17 @@ def _test_namespace(program_ns: dict, names: list, test_builtins: dict, check,
 def _audit_hook(events_fd: int, phase: list, protected: tuple):
   """The hook; it refuses to change the code or defaults of the `protected` functions
   (the harness's own: other functions may, as `namedtuple` does)."""
-  def hook(event, args, _phase=phase, _write=os.write, _fd=events_fd, _id=id,
-           _protected=set(map(id, protected)), _refused=_REFUSED_EVENTS,
+  protected_ids = set(map(id, protected))
+
+  def hook(event, args, _phase=phase, _write=os.write, _fd=events_fd, _id=id, _type=type,
+           _protected=protected_ids, _refused=_REFUSED_EVENTS,
            _prefixes=('socket.', 'ctypes.', '_ssl.'),
            _setattr=frozenset(('object.__setattr__', 'object.__delattr__')),
            _frames=frozenset(('tb_frame', 'gi_frame', 'cr_frame', 'ag_frame')),
            _function_attrs=frozenset(('__code__', '__defaults__', '__kwdefaults__')),
+           _memory=frozenset(('mem', b'mem')), _opens=frozenset(('open', 'os.symlink')),
+           _str=str, _bytes=bytes,
+           _tail=lambda p, _slash={str: '/', bytes: b'/'}: p.rpartition(_slash[p.__class__])[2],
            _ValueError=ValueError, _RuntimeError=RuntimeError, _OSError=OSError):
     # Any exception aborts the audited operation. Only defaults are used: nothing this
     # function looks up can have been replaced.
@@ -271,6 +276,9 @@ def _audit_hook(events_fd: int, phase: list, protected: tuple):
       raise _ValueError('call stack is not deep enough')  # what typing & co. catch
     if not (event in _refused or event.startswith(_prefixes)
             or (event == 'object.__getattr__' and args[1] in _frames)
+            # /proc/<pid>/mem holds the tests: where not dumpable is not enough (userns)
+            or (event in _opens and _type(args[0]) in (_str, _bytes)
+                and _tail(args[0]) in _memory)
             or (event in _setattr and _id(args[0]) in _protected
                 and args[1] in _function_attrs)):
       return
@@ -279,7 +287,7 @@ def _audit_hook(events_fd: int, phase: list, protected: tuple):
     except _OSError:
       pass
     raise _RuntimeError('sandbox: ' + event + ' is not allowed')
-  hook.__defaults__[4].add(id(hook))
+  protected_ids.add(id(hook))
   return hook
 
 
