@@ -286,9 +286,9 @@ class Trainer:
                   truncated1=s["truncated_t1"], truncated2=s["truncated_t2"],
                   len1=float(np.mean(scored["len1"])), len2=float(np.mean(scored["len2"])),
                   sample_time=t_sample, sample_tokens_per_s=new_tokens / t_sample)
-      stats = getattr(self.task, "verifier_stats", None)
-      if stats is not None:  # Cumulative: a rising count means verifiers are timing out.
-        host.update(verifier_timeouts=stats["timeouts"], verifier_errors=stats["errors"])
+      # Cumulative reward-path counts (hack_*, sandbox_*, math_*, verifier_*): a rising
+      # count is a run that starts to game its verifier, or verifiers timing out.
+      host.update(self.task.reward_stats())
       batch = dict(tokens=tokens, valid=valid, turn=turn, r1=scored["r1"], r2=scored["r2"])
       return batch, host
     return self._run_phase(f"stage{stage}", st.steps, tx, init_params, step_fn, batch_fn,
