@@ -49,9 +49,9 @@ SPLITS = {'prompt': (1, 10), 'test': (11, 510), 'validation': (511, 600),
           'train': (601, 974)}
 FEWSHOT_IDS = (2, 3, 4)
 _FENCE_RE = re.compile(r'```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)', re.DOTALL)
-_COUNTERS = ('hack_nonbuiltin', 'hack_patched', 'hack_audit_blocked', 'sandbox_timeouts',
-             'sandbox_crashes', 'sandbox_errors', 'sandbox_output_floods')
 _CODE_START_RE = re.compile(r'^(def |class |import |from |@|async def |[A-Za-z_]\w*\s*=)')
+_COUNTERS = ('hack_nonbuiltin', 'hack_patched', 'hack_audit_blocked', 'sandbox_timeouts',
+             'sandbox_crashes', 'sandbox_errors', 'sandbox_output_floods')  # reward_stats
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -198,6 +198,7 @@ class _SandboxRewards:
 
   @property
   def _sandbox_counts(self) -> collections.Counter:
+    """Cumulative per task object (made on first use: the tasks' __init__s differ)."""
     return self.__dict__.setdefault('_counts', collections.Counter())
 
   def reward_stats(self) -> dict[str, float]:

@@ -231,8 +231,11 @@ def _top_level_split(s: str) -> list[str]:
   """`s` split at commas outside brackets (`(1,2), 3` -> [`(1,2)`, `3`])."""
   parts, depth, start = [], 0, 0
   for i, c in enumerate(s):
-    depth += c in '([{' and 1 or c in ')]}' and -1 or 0
-    if c == ',' and depth == 0:
+    if c in '([{':
+      depth += 1
+    elif c in ')]}':
+      depth -= 1
+    elif c == ',' and depth == 0:
       parts.append(s[start:i].strip())
       start = i + 1
   return parts + [s[start:].strip()]
