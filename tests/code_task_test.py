@@ -140,3 +140,30 @@ def test_humaneval_full_program_response_and_training_side(humaneval):
   assert all(p.meta['source'] == 'mbpp' for p in train)
   assert humaneval.prompt(train[0]).endswith('[BEGIN]\n')
   assert humaneval.reward(train[0].answer + '\n[DONE]', train[0]) == 1.0
+
+
+@pytest.mark.skipif(not os.environ.get('SCORE_MBPP_JSONL'),
+                    reason='set SCORE_MBPP_JSONL to a full mbpp.jsonl (none ships here)')
+def test_full_mbpp_references_keep_their_verdict():
+  """Every reference solution of a full MBPP file that passes its tests under plain Python
+  (trusted dataset code, run here in a subprocess) also passes in the sandbox.
+
+    SCORE_MBPP_JSONL=/path/to/mbpp.jsonl python -m pytest tests/code_task_test.py -k full_mbpp
+  """
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  task = code.MBPPTask(ml_collections.ConfigDict(dict(path=os.environ['SCORE_MBPP_JSONL'],
+                                                      wall_s=20.0, cpu_s=10.0)))
+  problems = [task.problems[i] for i in sorted(task.problems)]
+  rewards = task.rewards([p.answer + '\n[DONE]' for p in problems], problems)
+  changed = []
+  for p, r in zip(problems, rewards):
+    if r != 1.0:
+      program, tests = task.program_and_tests(p.answer + '\n[DONE]', p)
+      plain = subprocess.run([sys.executable, '-I', '-c', program + '\n' + tests],
+                             capture_output=True, timeout=60)
+      if plain.returncode == 0:
+        changed.append(p.id)
+  print(f'{int(rewards.sum())}/{len(problems)} references pass in the sandbox; '
+        f'verdict changed: {changed}; counters: {task.reward_stats()}')
+  assert changed == []

@@ -1,4 +1,5 @@
-"""The MATH grader: agreement with hand labels, extraction, exact values, robustness."""
+"""The MATH grader: agreement with hand labels, extraction, commitment, exact values,
+robustness."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -12,10 +13,11 @@ import time
 
 import pytest
 
-from score_jax.tasks.rewards import math_grader
+from score_jax.tasks.rewards import math_extract, math_grader
 
 LABELS = os.path.join(os.path.dirname(__file__), 'data', 'math_equiv_labels.jsonl')
-# Measured 371/372 = 0.9973 (plain math-verify: 335/372 = 0.901; bench/math_grader_agreement.py).
+# Measured 446/447 (379 original pairs 378, 68 adversarial 68); plain math-verify 390/447
+# (bench/math_grader_agreement.py).
 MIN_AGREEMENT = 0.995
 
 
@@ -33,13 +35,55 @@ def test_label_set_is_balanced_per_category():
   assert all(labels == {True, False} for labels in by_cat.values()), by_cat
 
 
+def _ours(row: dict) -> bool:
+  if row.get('kind') == 'response':
+    return math_grader.grade(row['response'], row['reference']) == 1.0
+  return math_grader.answer_verdict(row['response'], row['reference']) == 'right'
+
+
 def test_agreement_with_labels_and_exact_known_misses():
   rows = _rows()
-  wrong = {(r['reference'], r['response']) for r in rows
-           if math_grader.is_equivalent(r['response'], r['reference']) != r['label']}
+  assert sum(bool(r.get('adversarial')) for r in rows) >= 50
+  wrong = {(r['reference'], r['response']) for r in rows if _ours(r) != r['label']}
   known = {(r['reference'], r['response']) for r in rows if 'known_miss' in r}
   assert wrong == known, f'new misses: {wrong - known}; fixed: {known - wrong}'
   assert 1 - len(wrong) / len(rows) >= MIN_AGREEMENT
+
+
+def test_adversarial_rows_are_refused_with_a_countable_reason():
+  """Every adversarial row labelled wrong that holds the right value somewhere is refused
+  as a hedge or as unevaluated, not merely graded wrong: that is what the task counts."""
+  reasons = {}
+  for r in _rows():
+    if r.get('adversarial') and not r['label']:
+      got = (math_grader.verdict(r['response'], r['reference']) if r.get('kind') == 'response'
+             else math_grader.answer_verdict(r['response'], r['reference']))
+      reasons.setdefault(r['category'], set()).add(got)
+  assert reasons['hedge_several_final'] == reasons['hedge_list'] == {'hedged'}
+  assert reasons['hedge_choices'] == {'hedged'} and reasons['free_variable'] == {'unevaluated'}
+  assert 'hedged' in reasons['hedge_interval_set'] and 'unevaluated' in reasons['unevaluated']
+  assert set().union(*reasons.values()) <= {'hedged', 'unevaluated', 'wrong'}
+
+
+@pytest.mark.parametrize('text, ref, want', [
+    ('The final answer is $4$. I hope it is correct.', '4', 'right'),
+    ('The final answer is $3$. I hope it is correct.', '4', 'wrong'),
+    ('I could not solve it.', '4', 'no_answer'),
+    ('$\\boxed{4}$ or maybe $\\boxed{3}$', '4', 'hedged'),
+    ('$\\boxed{2}$ or maybe $\\boxed{3}$', '4', 'wrong'),          # hedged, but nothing right
+    ('The final answer is $\\binom{4}{1}$.', '4', 'unevaluated'),
+    ('The final answer is $\\boxed{4}$, and $\\boxed{1}$ ... $\\boxed{7}$' +
+     ''.join(f' $\\boxed{{{i}}}$' for i in range(10, 16)), '4', 'hedged'),  # > _MAX_ANSWERS
+])
+def test_verdict_of_a_response(text, ref, want):
+  assert math_grader.verdict(text, ref) == want
+  assert math_grader.grade(text, ref) == float(want == 'right')
+  assert math_grader.verdict_code(text, ref) == math_grader.VERDICTS.index(want)
+
+
+def test_verdict_code_zero_is_wrong():
+  """The verifier pool writes 0.0 for a late or crashed item: that must read as wrong."""
+  assert math_grader.VERDICTS[0] == 'wrong' and math_grader.VERDICTS[1] == 'right'
 
 
 @pytest.mark.parametrize('text, want', [
@@ -52,11 +96,12 @@ def test_agreement_with_labels_and_exact_known_misses():
     ('first $\\boxed{1}$ then $\\boxed{\\{1, 2\\}}$ at last', '\\{1, 2\\}'),
     ('answer: \\fbox{7}', '7'),
     ('The final answer is $3$.\nThe final answer is $5$. I hope it is correct.', '5'),
+    ('The final answer is $3$ or $5$. I hope it is correct.', '3, 5'),
     ('no answer here', None),
     ('unbalanced \\boxed{1', None),
 ])
 def test_extract_answer(text, want):
-  assert math_grader.extract_answer(text) == want
+  assert math_extract.extract_answer(text) == want
 
 
 @pytest.mark.parametrize('solution, want', [
@@ -67,7 +112,7 @@ def test_extract_answer(text, want):
     ('nothing boxed', None),
 ])
 def test_last_boxed(solution, want):
-  assert math_grader.last_boxed(solution) == want
+  assert math_extract.last_boxed(solution) == want
 
 
 @pytest.mark.parametrize('s, want', [

@@ -89,6 +89,23 @@ def test_prompt_instruction_and_rewards():
   assert [task.reward(t, q) for t, q in zip(texts, problems)] == r.tolist()
 
 
+def test_reward_stats_count_refused_hedges_and_unevaluated_answers():
+  task = make(eval_path=JSONL)
+  problems = task.eval_problems(4)
+  stats = task.reward_stats()
+  assert stats == {'verifier_timeouts': 0.0, 'verifier_errors': 0.0, 'math_hedged': 0.0,
+                   'math_unevaluated': 0.0}
+  right = 'Final Answer: The final answer is $0.75$. I hope it is correct.'
+  hedge = 'The final answer is $\\frac{3}{4}$ or $\\frac{1}{4}$. I hope it is correct.'
+  uneval = 'The final answer is $\\frac{3x}{4x}$. I hope it is correct.'
+  r = task.rewards([right, hedge, uneval, hedge], [problems[0]] * 4)
+  assert r.tolist() == [1.0, 0.0, 0.0, 0.0]
+  task.rewards([hedge], [problems[0]])
+  stats = task.reward_stats()
+  assert stats['math_hedged'] == 3.0 and stats['math_unevaluated'] == 1.0
+  task.close()
+
+
 def test_corpus_covers_prompts_solutions_and_instruction():
   task = make(train_path=os.path.join(ORIGINAL, 'train'))
   texts = list(task.corpus(np.random.default_rng(0), 10))

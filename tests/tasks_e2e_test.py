@@ -110,7 +110,8 @@ def test_math_config_with_an_imported_tiny_gemma2(tmp_path):
   rows, table = _check_run(workdir, log)
   assert "[init] hf weights saved as" in log  # the imported weights became our checkpoint
   assert "mesh" in log or "devices" in log
-  assert all("verifier_timeouts" in r for r in rows if r["phase"] == "stage1")
+  assert all({"verifier_timeouts", "verifier_errors", "math_hedged", "math_unevaluated"} <= set(r)
+             for r in rows if r["phase"] in ("stage1", "stage2"))
   # The reward path is the real grader: recompute every transcript's rewards here.
   answers = {p.id: p.answer for p in task.eval_problems(4)}
   transcripts = _read_jsonl(os.path.join(workdir, "eval", "transcripts_stage2.jsonl"))
@@ -156,6 +157,12 @@ def test_mbpp_config_trains_on_mbpp_evaluates_humaneval_and_repairs(tmp_path):
           "--config.model.head_dim=16", "--config.model.sliding_window_size=64"]
   log = _run(args)
   rows, table = _check_run(workdir, log)
+  # The reward path's counters are logged at every RL step.
+  counters = {"hack_nonbuiltin", "hack_patched", "hack_audit_blocked", "sandbox_timeouts",
+              "sandbox_crashes", "sandbox_errors", "sandbox_output_floods"}
+  rl_rows = [r for r in rows if r["phase"] in ("stage1", "stage2")]
+  assert len(rl_rows) == 4 and all(counters <= set(r) for r in rl_rows), rl_rows[0].keys()
+  assert all(r[k] >= 0 for r in rl_rows for k in counters)
   # MBPP-R: the given first attempts are graded by the sandbox (2 of 3 are wrong in the
   # fixture), and the model's corrections are scored and written out.
   from score_jax.tasks import code

@@ -73,15 +73,14 @@ class Task(abc.ABC):
     override this to verify in parallel worker processes with a per-item timeout."""
     return np.asarray([self.reward(t, p) for t, p in zip(response_texts, problems)], np.float32)
 
-  def reward_stats(self) -> dict[str, float]:
-    """Cumulative counters of the verifier (timeouts, errors) for the training log."""
-    stats = getattr(self, 'verifier_stats', None)
-    if stats is None:
-      return {}
-    return {'verifier_timeouts': stats['timeouts'], 'verifier_errors': stats['errors']}
-
   def close(self):
     """Releases worker processes or files the task holds (called at the end of a run)."""
+
+  def reward_stats(self) -> dict[str, float]:
+    """Cumulative counts of the reward path since construction, logged every RL step, so a
+    run that starts to game its verifier shows it: flat metric names (`hack_nonbuiltin`,
+    `sandbox_timeouts`, `math_hedged`, `verifier_timeouts`, ...). {} when there are none."""
+    return {}
 
   @abc.abstractmethod
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:

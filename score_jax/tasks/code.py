@@ -25,6 +25,7 @@ code, cut to the longest prefix that parses (drops prose before and after).
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import json
 import os
@@ -49,6 +50,8 @@ SPLITS = {'prompt': (1, 10), 'test': (11, 510), 'validation': (511, 600),
 FEWSHOT_IDS = (2, 3, 4)
 _FENCE_RE = re.compile(r'```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)', re.DOTALL)
 _CODE_START_RE = re.compile(r'^(def |class |import |from |@|async def |[A-Za-z_]\w*\s*=)')
+_COUNTERS = ('hack_nonbuiltin', 'hack_patched', 'hack_audit_blocked', 'sandbox_timeouts',
+             'sandbox_crashes', 'sandbox_errors', 'sandbox_output_floods')  # reward_stats
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -153,7 +156,8 @@ def _entry_point(record: dict) -> str | None:
 def mbpp_problem(record: dict) -> Problem:
   return Problem(id=f'mbpp/{record["task_id"]}', prompt=record['text'], answer=record['code'],
                  meta={'source': 'mbpp', 'task_id': int(record['task_id']),
-                       'tests': mbpp_tests(record), 'entry_point': _entry_point(record)})
+                       'tests': mbpp_tests(record), 'setup': record.get('test_setup_code') or '',
+                       'entry_point': _entry_point(record)})
 
 
 def _merged(cfg: ml_collections.ConfigDict | None, name: str) -> ml_collections.ConfigDict:
@@ -181,7 +185,27 @@ class _SandboxRewards:
       raise ValueError(f'{len(texts)} responses for {len(problems)} problems')
     jobs = [self.program_and_tests(t, p) for t, p in zip(texts, problems)]
     results = sandbox.run_many(jobs, self.limits, self.config.max_parallel)
+    counts = self._sandbox_counts
+    for r in results:
+      if r.hack:
+        counts['hack_' + r.hack] += 1
+      counts['hack_audit_blocked'] += r.audit_blocked
+      counts['sandbox_timeouts'] += r.status == 'timeout'
+      counts['sandbox_crashes'] += r.status == 'killed'
+      counts['sandbox_errors'] += r.status == 'error'
+      counts['sandbox_output_floods'] += r.flooded
     return np.asarray([float(r.passed) for r in results], np.float32)
+
+  @property
+  def _sandbox_counts(self) -> collections.Counter:
+    """Cumulative per task object (made on first use: the tasks' __init__s differ)."""
+    return self.__dict__.setdefault('_counts', collections.Counter())
+
+  def reward_stats(self) -> dict[str, float]:
+    """Cumulative counts over every program run: rejected results (`hack_nonbuiltin`,
+    `hack_patched`), audit-hook refusals, timeouts, crashes (signals), sandbox errors and
+    output floods."""
+    return {k: float(self._sandbox_counts[k]) for k in _COUNTERS}
 
   def reward(self, response_text: str, problem: Problem) -> float:
     return float(self.rewards([response_text], [problem])[0])
@@ -230,7 +254,10 @@ class MBPPTask(_SandboxRewards, Task):
     return mbpp_prompt(self.records[problem.meta['task_id']], self.fewshot)
 
   def program_and_tests(self, response_text: str, problem: Problem) -> tuple[str, str]:
-    return extract_program(response_text, problem.meta.get('entry_point')), problem.meta['tests']
+    # The tests run in their own namespace; the setup code (`PI = 3.14`) runs in both,
+    # after the program, since reference programs read its names.
+    program = extract_program(response_text, problem.meta.get('entry_point'))
+    return f'{program}\n\n{problem.meta["setup"]}\n', problem.meta['tests']
 
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """Prompts, reference programs and the instruction, in rotation."""

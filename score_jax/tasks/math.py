@@ -17,10 +17,12 @@ the order of its source (sorted paths; file lines), so `eval_problems(n)` is a p
 
 Prompts are SCORE.md's: turn 1 asks for a step-by-step solution ending in
 `Final Answer: The final answer is $answer$. I hope it is correct.`; the correction
-instruction is the paper's string verbatim. The reward is `math_grader.grade`.
+instruction is the paper's string verbatim. The reward is `math_grader.grade`: the
+response must commit to one answer equal to the reference.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -31,7 +33,7 @@ from typing import Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from score_jax.tasks.rewards import math_grader
+from score_jax.tasks.rewards import math_extract, math_grader
 from score_jax.tasks.base import Problem, Task, merge_config
 from score_jax.tasks.rewards.verifiers import PooledGrading
 
@@ -81,7 +83,7 @@ def _problem(record: dict, pid: str, where: str) -> Problem | None:
   solution = record.get('solution')
   answer = record.get('answer')
   if answer is None and isinstance(solution, str):
-    answer = math_grader.last_boxed(solution)
+    answer = math_extract.last_boxed(solution)
   if answer is None or not str(answer).strip():
     return None
   subject = record.get('subject') or record.get('type') or ''
@@ -206,6 +208,7 @@ class MathTask(PooledGrading, Task):
     if bad_levels:
       raise ValueError(f'MATH levels are 1..5, got {bad_levels}')
     self.config = cfg
+    self._refused = collections.Counter()  # verdicts 'hedged' / 'unevaluated', cumulative
 
   def _split(self, path: str, split: str) -> list[Problem]:
     problems = load_split(self.config.format, path, self.config.tfds_data_dir, split)
@@ -258,11 +261,20 @@ class MathTask(PooledGrading, Task):
     return math_grader.grade(response_text, problem.answer)
 
   def rewards(self, response_texts: Sequence[str], problems: Sequence[Problem]) -> np.ndarray:
-    """float32 [n]: `math_grader.grade` in the verifier pool, each answer under
-    `verifier_timeout_s` (sympy can take unbounded time on hostile input)."""
+    """float32 [n]: `math_grader` verdicts in the verifier pool, each answer under
+    `verifier_timeout_s` (sympy can take unbounded time on hostile input); refused hedges
+    and unevaluated answers are counted for `reward_stats`."""
     if len(response_texts) != len(problems):
       raise ValueError(f'{len(response_texts)} responses for {len(problems)} problems')
-    return self.pooled(math_grader.grade, [(t, p.answer) for t, p in zip(response_texts, problems)])
+    codes = self.pooled(math_grader.verdict_code,
+                        [(t, p.answer) for t, p in zip(response_texts, problems)])
+    for name in ('hedged', 'unevaluated'):
+      self._refused[name] += int(np.sum(codes == math_grader.VERDICTS.index(name)))
+    return (codes == math_grader.VERDICTS.index('right')).astype(np.float32)
+
+  def reward_stats(self) -> dict[str, float]:
+    return {**super().reward_stats(), 'math_hedged': float(self._refused['hedged']),
+            'math_unevaluated': float(self._refused['unevaluated'])}
 
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """Prompts, reference solutions, final-answer lines and the instruction, in rotation."""

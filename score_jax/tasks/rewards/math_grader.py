@@ -3,10 +3,8 @@
 SCoRe learns only from this bit, so a grader that calls a right answer wrong (or the
 reverse) teaches the wrong thing. Equality is decided in three layers:
 
-1. `normalize`: a MATH-specific string canonicalisation (Hendrycks' `strip_string`,
-   extended): `\\dfrac`/`\\tfrac`, `\\left`/`\\right`, thin spaces, `^\\circ`, `\\%`,
-   `\\$`, units in `\\text{}`, thousands separators (`10,\\!000`), trailing prose,
-   `x = 5`-style assignments. Equal canonical strings are equal answers.
+1. `math_normalize.normalize`: a MATH-specific string canonicalisation (units, `\\dfrac`,
+   thousands separators, `x = 5`, ...). Equal canonical strings are equal answers.
 2. Exact special cases that a symbolic checker gets wrong for MATH answers:
    numbers are compared as exact rationals (`0.333333` is not `1/3`; a 30-digit integer
    off by one is wrong), multiple-choice letters, base-`b` digit strings (`1011_2`),
@@ -24,6 +22,10 @@ Conventions (what a careful human MATH grader does; tests/data/math_equiv_labels
   ordered; `{...}` is a set. `1,000` without brackets and spaces is one thousand.
 - `1011_2`: the digits in the asked base are the answer; the decimal value is not.
 
+The reward asks more than equality: the response must commit to its answer (see
+"Commitment" below, `verdict`): a hedge across several answers or an unevaluated
+expression is refused with a reason (`VERDICTS`) that the task counts.
+
 Timeouts: math-verify bounds sympy with `signal.alarm`, which works only in the main
 thread; elsewhere the alarm is off, so inputs that could make sympy or big-int arithmetic
 run away (huge powers/factorials, very long answers) are never handed to it.
@@ -36,197 +38,15 @@ import math
 import re
 import threading
 
+from score_jax.tasks.rewards.math_extract import final_answers
+from score_jax.tasks.rewards.math_normalize import (TEXT_CMD, drop_assignments, normalize,
+                                                    squash)
+
 _MAX_SYMPY_CHARS = 400        # longer answers are compared as strings only
 _MAX_EXPONENT = 2000          # `2^{100000}` would freeze sympy/bigint work uninterruptibly
 _MAX_FACTORIAL = 300
-_CHOICES = 'ABCDE'
 
 logging.getLogger('math_verify').setLevel(logging.ERROR)  # per-call timeout warnings
-
-# ---------------------------------------------------------------------------------------
-# Extraction.
-
-
-def _balanced(text: str, open_at: int) -> str | None:
-  """Content of the `{...}` group whose `{` is at `open_at`, or None if unbalanced."""
-  depth = 0
-  for i in range(open_at, len(text)):
-    depth += {'{': 1, '}': -1}.get(text[i], 0)
-    if depth == 0:
-      return text[open_at + 1:i]
-  return None
-
-
-def last_boxed(solution: str) -> str | None:
-  """Content of the last `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`), else None.
-
-  This is how the MATH release marks the reference answer inside `solution`.
-  """
-  starts = [m for m in re.finditer(r'\\(?:boxed|fbox)', solution)]
-  for m in reversed(starts):
-    rest = solution[m.end():]
-    stripped = rest.lstrip()
-    if stripped.startswith('{'):
-      got = _balanced(solution, m.end() + len(rest) - len(stripped))
-      if got is not None:
-        return got.strip()
-    elif rest.startswith(' '):  # `\boxed 5$`: one token, as in some MATH solutions
-      token = re.match(r'\s*([^\s$]+)', rest)
-      if token:
-        return token.group(1)
-  return None
-
-
-_FINAL_RE = re.compile(r'final answer is\s*:?\s*', re.IGNORECASE)
-
-
-def _dollar_group(text: str) -> str | None:
-  """`text` starts with `$` or `$$`: the math up to the matching unescaped delimiter."""
-  delim = '$$' if text.startswith('$$') else '$'
-  m = re.compile(r'(?<!\\)' + re.escape(delim)).search(text, len(delim))
-  return text[len(delim):m.start()] if m else None
-
-
-def extract_answer(text: str) -> str | None:
-  """The final answer in a response, or None.
-
-  Prefers the SCORE.md form `Final Answer: The final answer is $X$. I hope it is
-  correct.` (the last one; `$` optional, trailing period dropped, `\\boxed` inside
-  unwrapped), else the last `\\boxed{}` / `\\fbox{}`.
-  """
-  matches = list(_FINAL_RE.finditer(text))
-  if matches:
-    rest = text[matches[-1].end():]
-    if rest.startswith('$'):
-      answer = _dollar_group(rest)
-    else:
-      answer = None
-    if answer is None:
-      answer = re.split(r'\.?\s*I hope it is correct|\n', rest, maxsplit=1)[0]
-      answer = answer.strip().strip('$').strip()
-      answer = re.sub(r'(?<!\\)\.$', '', answer).strip()
-      answer = re.sub(r'^\\\(|\\\)$|^\\\[|\\\]$', '', answer).strip()
-    if '\\boxed' in answer or '\\fbox' in answer:
-      answer = last_boxed(answer) or answer
-    if answer.strip():
-      return answer.strip()
-  return last_boxed(text)
-
-
-# ---------------------------------------------------------------------------------------
-# Normalisation.
-
-_UNITS = {  # spelling -> canonical unit; only these can veto an otherwise equal answer
-    'cm': 'cm', 'centimeter': 'cm', 'centimeters': 'cm', 'mm': 'mm', 'millimeters': 'mm',
-    'm': 'm', 'meter': 'm', 'meters': 'm', 'km': 'km', 'kilometers': 'km',
-    'in': 'in', 'inch': 'in', 'inches': 'in', 'ft': 'ft', 'foot': 'ft', 'feet': 'ft',
-    'yd': 'yd', 'yard': 'yd', 'yards': 'yd', 'mi': 'mi', 'mile': 'mi', 'miles': 'mi',
-    's': 's', 'sec': 's', 'second': 's', 'seconds': 's', 'min': 'min', 'minute': 'min',
-    'minutes': 'min', 'h': 'h', 'hr': 'h', 'hour': 'h', 'hours': 'h', 'day': 'day',
-    'days': 'day', 'g': 'g', 'gram': 'g', 'grams': 'g', 'kg': 'kg', 'kilograms': 'kg',
-}
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    'zero one two three four five six seven eight nine ten eleven twelve thirteen '
-    'fourteen fifteen sixteen seventeen eighteen nineteen twenty'.split())}
-_UNICODE = str.maketrans({  # what chat-tuned models print instead of LaTeX
-    '\u2212': '-', '\u00b0': '^\\circ', '\u221a': '\\sqrt ', '\u03c0': '\\pi ',
-    '\u221e': '\\infty ', '\u00bd': '\\frac{1}{2}', '\u00bc': '\\frac{1}{4}',
-    '\u00be': '\\frac{3}{4}', '\u00b2': '^2', '\u00b3': '^3', '\u00d7': '\\times ',
-    '\u00b7': '\\cdot ', '\u2264': '\\le ', '\u2265': '\\ge ', '\u00b1': '\\pm ',
-})
-_TEXT_CMD = r'\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)'
-_PROSE_PREFIX = re.compile(
-    r'^(?:the\s+)?(?:final\s+)?(?:answer|result|solution)\s*(?:is|:)\s*', re.IGNORECASE)
-
-
-def _strip_text_wrappers(s: str) -> str:
-  """`\\text{abc}` -> `abc` (innermost first, so nested wrappers also go)."""
-  prev = None
-  while prev != s:
-    prev = s
-    s = re.sub(_TEXT_CMD + r'\s*\{([^{}]*)\}', r'\1', s)
-  return s
-
-
-def _split_unit(s: str) -> tuple[str, str | None]:
-  """(`s` without a trailing unit / words, the canonical unit if one was known).
-
-  Only space-separated trailing words count as prose or units (`\\text{ cm}` was turned
-  into ` cm`), and single letters only if they are units, so `4ab`, `x+2h`, `5 x` keep
-  their variables.
-  """
-  m = re.match(r'^(.*?[\d}).\\a-zA-Z])\s+((?:[A-Za-z]{2,}|cm|m|s|h|g)'
-               r'(?:\s+[A-Za-z]+)*)\s*(?:\^\{?[23]\}?)?$', s)
-  if (not m or not re.search(r'[\d}]', m.group(1))
-      or re.search(r'\\(?:sqrt|frac|sin|cos|tan|sec|csc|cot|log|ln|exp|arc[a-z]+)$',
-                   m.group(1))):
-    return s, None
-  words = m.group(2).lower().split()
-  unit = _UNITS.get(words[-1]) or _UNITS.get(words[0])
-  if len(words[0]) == 1 and words[0] not in _UNITS:
-    return s, None
-  return m.group(1).strip(), unit
-
-
-def _thousands(s: str) -> str:
-  """`12,345,678` -> `12345678` outside brackets; `(10,200)` and `5, 100` stay lists."""
-  if re.search(r'[()\[\]{}]', s.replace('\\frac', '')):
-    return s
-  return re.sub(r'(?<![\d.,])(\d{1,3})((?:,\d{3})+)(?![\d,])',
-                lambda m: m.group(1) + m.group(2).replace(',', ''), s)
-
-
-def normalize(answer: str) -> tuple[str, str | None]:
-  """(canonical answer string, canonical unit or None)."""
-  s = answer.strip().translate(_UNICODE)
-  # Python-style powers (models that think in code write `x**2`): LaTeX reads `**` as
-  # two products, which made `q**3` equal `q**2`.
-  s = re.sub(r'\*\*\s*(\w+|\([^()]*\))', lambda m: '^{' + m.group(1).strip('()') + '}', s)
-  s = re.sub(r'\\sqrt\s*(\d+)', r'\\sqrt{\1}', s)
-  if re.fullmatch(r'\\(?:boxed|fbox)\s*\{.*\}', s, re.DOTALL):
-    s = last_boxed(s) or s
-  s = re.sub(r'\\(?:displaystyle|left|right|big|Big|bigg|Bigg)(?![a-zA-Z])', '', s)
-  s = re.sub(r'\\!', '', s)                          # negative space: `10,\!000`
-  s = re.sub(r'\\[,;:]|(?<!\\)\\ |~', ' ', s)
-  s = s.replace('{,}', ',').replace('\\dfrac', '\\frac').replace('\\tfrac', '\\frac')
-  s = re.sub(r'\\(?:varnothing)', r'\\emptyset', s)
-  s = re.sub(r'\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\bdegrees?\b', '', s)
-  s = re.sub(r'\\?%|\bpercent\b', '', s)
-  s = re.sub(r'\\\$|\bdollars?\b', '', s)
-  s = _PROSE_PREFIX.sub('', s.strip())
-  s = re.sub(r'(?<!\\)[.\s]+$', '', s)                 # trailing period of a sentence
-  s = re.sub(r'\\text\s*\{\s*(or|and)\s*\}|\s+(?:or|and)\s+(?=[-\d\\(\[x])', ', ', s)
-  # Units: `\text{ cm}^2` and bare trailing words go; remember the unit.
-  s = re.sub(_TEXT_CMD + r'\s*\{\s*([A-Za-z][A-Za-z ]*)\}\s*(\^\{?[23]\}?)?$',
-             lambda m: ' ' + m.group(1).strip() if re.search(r'[\d}]', s[:m.start()])
-             else m.group(0), s)
-  s = _strip_text_wrappers(s)
-  s, unit = _split_unit(s.strip())
-  s = _thousands(s)
-  s = re.sub(r'\s+', ' ', s).strip()
-  if s.lower() in _NUMBER_WORDS:
-    s = _NUMBER_WORDS[s.lower()]
-  if s.lower() in ('infinity', 'inf', '\\infty', 'oo'):
-    s = '\\infty'
-  s = s.replace('\\mathbb{R}', '(-\\infty,\\infty)').replace('\\mathbb R', '(-\\infty,\\infty)')
-  return s, unit
-
-
-def _squash(s: str) -> str:
-  """Spacing- and brace-insensitive key: `\\frac {1} {2}` ~ `\\frac12`."""
-  s = re.sub(r'\s+', '', s)
-  s = re.sub(r'\\(frac|sqrt)(\d)(\d)', r'\\\1{\2}{\3}', s)
-  s = re.sub(r'\\sqrt(\d)', r'\\sqrt{\1}', s)
-  return s
-
-
-def _drop_assignments(s: str) -> str:
-  """`x = 5` -> `5`; `a=3, b=4` -> `3, 4`; `(a,b)=(3,4)` -> `(3,4)` (for a bare ref)."""
-  items = [p.strip() for p in s.split(',')]
-  if len(items) > 1 and all(re.fullmatch(r'[A-Za-z]\w*\s*=\s*[^=]+', p) for p in items):
-    return ', '.join(p.split('=', 1)[1].strip() for p in items)
-  return s.rsplit('=', 1)[1].strip() if '=' in s else s
-
 
 # ---------------------------------------------------------------------------------------
 # Exact comparisons.
@@ -241,7 +61,7 @@ def exact_value(s: str) -> fractions.Fraction | None:
   (`\\frac{3}{4}`, `\\frac34`, `3/4`, signs anywhere), mixed numbers (`3\\frac{1}{2}`)
   and scientific notation (`3.2\\times10^{-3}`, `1.5e8`).
   """
-  s = _squash(s)
+  s = squash(s)
   if re.fullmatch(r'\([^(),]*\)', s):
     s = s.strip('()')
   F = fractions.Fraction
@@ -284,7 +104,7 @@ _BASE_WORDS = {'two': 2, 'three': 3, 'four': 4, 'five': 5, 'six': 6, 'seven': 7,
 
 def _base_digits(s: str) -> tuple[str, int | None] | None:
   """(`digits`, base) for `1011_2`, `2A_{16}`, `1011_{two}`; (`digits`, None) for `1011`."""
-  m = re.fullmatch(r'([0-9A-Za-z]+)_\{?(\d+|[a-z]+)\}?', _squash(s))
+  m = re.fullmatch(r'([0-9A-Za-z]+)_\{?(\d+|[a-z]+)\}?', squash(s))
   if m:
     base = m.group(2)
     base = int(base) if base.isdigit() else _BASE_WORDS.get(base)
@@ -335,19 +155,23 @@ def _math_verify(pred: str, ref: str, timeout_s: float | None) -> bool:
                                  timeout_seconds=seconds))
 
 
-def is_equivalent(pred: str, ref: str, timeout_s: float | None = 5.0) -> bool:
-  """True iff `pred` and `ref` are equal as MATH answers (see the module docstring)."""
+def _prepare(pred: str, ref: str) -> tuple[str, str] | None:
+  """Both answers normalised for comparison; None when they cannot be equal (empty, or
+  different units)."""
   p, p_unit = normalize(pred)
   r, r_unit = normalize(ref)
-  if not p or not r:
-    return False
-  if p_unit and r_unit and p_unit != r_unit:
-    return False
+  if not p or not r or (p_unit and r_unit and p_unit != r_unit):
+    return None
   if '=' not in r and '=' in p:
-    p = _drop_assignments(p)
+    p = drop_assignments(p)
   elif '=' in r and '=' not in p and re.match(r'^[A-Za-z]\s*=', r):
-    r = _drop_assignments(r)
-  if _squash(p) == _squash(r):
+    r = drop_assignments(r)
+  return p, r
+
+
+def _equal(p: str, r: str, ref: str, timeout_s: float | None) -> bool:
+  """Prepared answers `p`, `r` (of the raw reference `ref`) are equal values."""
+  if squash(p) == squash(r):
     return True
   r_choices = _choices(r)
   if r_choices is not None:
@@ -358,7 +182,7 @@ def is_equivalent(pred: str, ref: str, timeout_s: float | None = 5.0) -> bool:
   rv, pv = exact_value(r), exact_value(p)
   if rv is not None and pv is not None:
     return rv == pv  # exact rationals: no float rounding, no 15-digit limit
-  r_words = _words(r) if re.search(_TEXT_CMD, ref) or ' ' in r else None
+  r_words = _words(r) if re.search(TEXT_CMD, ref) or ' ' in r else None
   if r_words is not None:
     p_words = _words(p)
     if p_words is not None or rv is None:
@@ -368,15 +192,168 @@ def is_equivalent(pred: str, ref: str, timeout_s: float | None = 5.0) -> bool:
   return _math_verify(p, r, timeout_s)
 
 
-def grade(response_text: str, reference_answer: str) -> float:
-  """1.0 if the response's final answer equals the reference, else 0.0; never raises.
+def is_equivalent(pred: str, ref: str, timeout_s: float | None = 5.0) -> bool:
+  """True iff `pred` and `ref` are equal values as MATH answers (see the module docstring).
 
-  A top-level function so that a process pool can pickle it.
+  Equal values only; whether `pred` commits to that value is `answer_verdict`'s question.
   """
+  prepared = _prepare(pred, ref)
+  return prepared is not None and _equal(*prepared, ref, timeout_s)
+
+
+# ---------------------------------------------------------------------------------------
+# Commitment: a right value is paid only when the response commits to it.
+#
+# RL pays whatever the grader accepts, so hedges are refused even when one of their answers
+# is right: several different final answers, a list or `or` where the reference is one
+# value, every choice of a multiple-choice question, an interval or set that contains the
+# reference; and right values the response did not work out: operators absent from the
+# reference (`\\binom{10}{3}` for `120`, `\\sin(\\pi/3)`, `\\sum`, `\\int`, `5!`) or free
+# variables it does not have (`\\frac{2x}{x}` for `2`). A list, set or interval is still
+# right where the reference is that list, set or interval.
+
+VERDICTS = ('wrong', 'right', 'no_answer', 'hedged', 'unevaluated')  # index 0: what a
+# late or crashed item of the verifier pool scores, so it must be 'wrong'
+_MAX_ANSWERS = 6    # distinct answers in one response that are compared one by one
+_OPERATORS = {      # family -> pattern; the same family in the reference is allowed
+    'sum': r'\\sum', 'product': r'\\prod', 'integral': r'\\i+nt(?![A-Za-z])|\\oint',
+    'limit': r'\\lim', 'binomial': r'\\[dt]?binom|\\choose', 'factorial': r'!',
+    'trig': r'\\(?:arc)?(?:sin|cos|tan|sec|csc|cot)h?(?![A-Za-z])',
+    'log': r'\\(?:log|ln|lg|exp)(?![A-Za-z])',
+    'derivative': r'\\frac\{d|\\partial|\\prime|\'',
+    'extremum': r'\\(?:gcd|lcm|max|min|det)(?![A-Za-z])',
+}
+_CHOICE_SEP = re.compile(r'\s*(?:,|/|;|&|\bor\b|\band\b|\s)\s*')
+_INTERVAL_RE = re.compile(r'[\[(]([^,\[\]()]+),([^,\[\]()]+)[\])]')
+
+
+def _top_level_split(s: str) -> list[str]:
+  """`s` split at commas outside brackets (`(1,2), 3` -> [`(1,2)`, `3`])."""
+  parts, depth, start = [], 0, 0
+  for i, c in enumerate(s):
+    if c in '([{':
+      depth += 1
+    elif c in ')]}':
+      depth -= 1
+    elif c == ',' and depth == 0:
+      parts.append(s[start:i].strip())
+      start = i + 1
+  return parts + [s[start:].strip()]
+
+
+def _alternatives(s: str) -> list[str]:
+  """The answers a prepared answer states: list items, set elements, both signs of
+  `\\pm`, or several choice letters; [s] for one answer."""
+  if re.fullmatch(r'\\\{.*\\\}', s):
+    s = s[2:-2]
+  items = [p for p in _top_level_split(s) if p]
+  if len(items) == 1:
+    m = re.fullmatch(r'(.*?)\\(?:pm|mp)(.+)', items[0])
+    if m:
+      head = m.group(1).strip()
+      return [f'{head}+{m.group(2)}', f'{head}-{m.group(2)}'] if head else [
+          m.group(2), f'-{m.group(2)}']
+    letters = _CHOICE_SEP.split(re.sub(r'[()]', ' ', items[0]).strip())
+    if len(letters) > 1 and all(re.fullmatch(r'[A-E]', x) for x in letters):
+      return letters
+    if re.fullmatch(r'[A-E]{2,5}', items[0]):  # `ABCDE`: every option at once
+      return list(items[0])
+  return items
+
+
+def _bound(s: str):
+  s = squash(s)
+  if s in ('\\infty', '+\\infty'):
+    return math.inf
+  return -math.inf if s == '-\\infty' else exact_value(s)
+
+
+def _swallows(p: str, value) -> bool:
+  """`p` is an interval (or a union of intervals) that contains the number `value`."""
+  for part in re.split(r'\\cup', p):
+    m = _INTERVAL_RE.fullmatch(squash(part))
+    lo, hi = (_bound(m.group(1)), _bound(m.group(2))) if m else (None, None)
+    if lo is not None and hi is not None and lo < hi and lo <= value <= hi:
+      return True
+  return False
+
+
+def _is_one_answer(r: str) -> bool:
+  return (len(_alternatives(r)) == 1 and not _INTERVAL_RE.fullmatch(squash(r))
+          and not re.search(r'\\cup|[<>]|\\[lg]e', r))
+
+
+def _hedges(p: str, r: str, ref: str, timeout_s: float | None) -> bool:
+  """`p` states several answers, one of them the single answer `r`."""
+  if not _is_one_answer(r):
+    return False
+  value = exact_value(r)
+  if value is not None and _swallows(p, value):
+    return True
+  items = _alternatives(p)
+  return len(items) > 1 and any(_equal(i, r, ref, timeout_s) for i in items[:_MAX_ANSWERS])
+
+
+def _letters(s: str) -> set[str]:
+  """Variable letters of an answer, lower-cased: not LaTeX commands or environments, not
+  subscripts (`1011_{two}`), exponents (`1.5e8`) or a prose aside (`2 (since x>0)`)."""
+  s = re.sub(r'\s*\([^()]*[A-Za-z]{3}[^()]*\)$', '', s)
+  s = re.sub(r'\\(?:begin|end)\{[^{}]*\}|_\{[^{}]*\}|_\w|\\[A-Za-z]+|(?<=\d)[eE](?=[-+]?\d)', ' ', s)
+  return set(re.findall(r'[a-z]', s.lower()))
+
+
+def _uncommitted(p: str, r: str) -> bool:
+  """`p` (equal in value to `r`) leaves work undone: an operator family the reference
+  does not use, or (for a one-value reference) a variable the reference does not have;
+  an interval reference may be answered by an inequality in `x`."""
+  ops = lambda s: {k for k, pat in _OPERATORS.items() if re.search(pat, s)}
+  return bool(ops(p) - ops(r) or _is_one_answer(r) and _letters(p) - _letters(r))
+
+
+def answer_verdict(pred: str, ref: str, timeout_s: float | None = 5.0) -> str:
+  """'right', 'wrong', 'hedged' or 'unevaluated' for one stated answer (see above)."""
+  prepared = _prepare(pred, ref)
+  if prepared is None:
+    return 'wrong'
+  p, r = prepared
+  if _equal(p, r, ref, timeout_s):
+    return 'unevaluated' if _uncommitted(p, r) else 'right'
+  return 'hedged' if _hedges(p, r, ref, timeout_s) else 'wrong'
+
+
+def verdict(response_text: str, reference_answer: str) -> str:
+  """One of VERDICTS for a whole response: every answer it states must be right."""
+  answers, seen = [], set()
+  for a in final_answers(response_text):
+    key = squash(normalize(a)[0])
+    if key not in seen:
+      seen.add(key)
+      answers.append(a)
+  if not answers:
+    return 'no_answer'
+  verdicts = {answer_verdict(a, reference_answer) for a in answers[:_MAX_ANSWERS]}
+  if len(answers) > _MAX_ANSWERS:
+    verdicts.add('wrong')
+  if len(verdicts) == 1:
+    return verdicts.pop()
+  return 'hedged' if verdicts - {'wrong'} else 'wrong'
+
+
+def _safe_verdict(response_text: str, reference_answer: str) -> str:
   try:
-    answer = extract_answer(response_text)
-    return float(answer is not None and is_equivalent(answer, reference_answer))
+    return verdict(response_text, reference_answer)
   except BaseException as e:  # math-verify's TimeoutException is a BaseException
     if isinstance(e, (KeyboardInterrupt, SystemExit)):
       raise
-    return 0.0
+    return 'wrong'
+
+
+def grade(response_text: str, reference_answer: str) -> float:
+  """1.0 if the response commits to a final answer equal to the reference, else 0.0;
+  never raises. A top-level function so that a process pool can pickle it."""
+  return float(_safe_verdict(response_text, reference_answer) == 'right')
+
+
+def verdict_code(response_text: str, reference_answer: str) -> float:
+  """`VERDICTS.index(verdict)` as a float: the verifier pool carries floats only."""
+  return float(VERDICTS.index(_safe_verdict(response_text, reference_answer)))

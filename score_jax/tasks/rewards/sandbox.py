@@ -1,16 +1,21 @@
 """Runs untrusted, model-written Python against unit tests, in a child process.
 
-Only `run_tests`, `run_many` and `isolation_report` are public. A run is one fresh child:
+Only `run_tests`, `run_many`, `test_plan` and `isolation_report` are public. A run is one
+fresh child:
 
   trainer --Popen(start_new_session)--> [unshare --net --pid --mount --mount-proc --fork]
-      --> harness = `python -I -S -c _HARNESS` (pid 1 of a new pid namespace)
-            trusted phase: read {program, tests} from stdin, stdin := /dev/null, mount
+      --> harness = `python -I -S -c <sandbox_harness.py>` (pid 1 of a new pid namespace)
+            trusted phase: read {program, tests, test plan} from stdin, stdin := /dev/null,
             size-capped tmpfs on every world-writable dir (/tmp, /var/tmp, /dev/shm,
-            /run/lock) and make the work dir there, rlimits (CPU, address space, file
-            size, processes, open files, no core), drop to a per-run unprivileged uid/gid
-            (root only), no_new_privs, an audit hook (no sockets, no ctypes, no tracers).
-            untrusted phase: exec(program); exec(tests) in one namespace.
+            /run/lock) with the work dir there, rlimits (CPU, address space, file size,
+            processes, open files, no core), a per-run unprivileged uid/gid (root only),
+            no_new_privs, not dumpable, a seccomp filter (no signal handlers, no threads),
+            snapshots of what the tests use, an audit hook (no frames, gc referrers,
+            sockets, ctypes, tracers, new hooks).
+            untrusted phase: exec(program); the tests in their own namespace, every value
+            a program function returns checked (exact builtin types only).
             proof: see below; then os._exit.
+See sandbox_harness.py for what the tests' namespace holds and what is checked when.
 
 Isolation by platform (`isolation_report()` says which is in force; measured on the
 development VM, root, kernel 6.18, util-linux 2.38: mode `root-namespaces`):
@@ -37,29 +42,37 @@ exactly `b'D' + nonce` on a private result pipe and the child exited 0 in time. 
 (secrets.token_hex, per run) is not in the child at all while candidate code can run: the
 child writes `D` ("tests returned") after the tests, the parent only then writes the nonce
 into a second pipe, and the harness echoes it back. Hence these earn nothing: exiting early
-(sys.exit(0), os._exit(0), SystemExit / KeyboardInterrupt / any BaseException in a test:
-the harness catches BaseException and reports failure), printing a fake success line
-(stdout is not the result pipe), searching memory or frames for the nonce during the tests
-(it is not there yet), monkeypatching builtins / sys / os / the checker (the harness keeps
-private references taken before candidate code runs; `assert` uses the real
-AssertionError), forking a copy of the harness (only the original pid may answer, and a
-second `D` spoils the exact match). Before reading the nonce the harness "seals" itself:
-tracing/profiling off, gc off (no finalizers), all signals ignored, every other process of
-the namespace SIGKILLed, and it refuses if another thread is alive. Not defended, by
-design of a single-interpreter harness: candidate code written against this harness that
-writes `D` to the result fd itself and echoes the nonce (the fds are findable); a C-level
-memory writer (ctypes is blocked by the audit hook, but that hook is a second layer, not
-a boundary); and test-semantic hacks such as returning an object whose __eq__ is always
-True -- the sandbox proves the tests ran to the end, not that the tests are strong.
+(sys.exit(0), os._exit(0), SystemExit / KeyboardInterrupt / SkipTest / any BaseException in
+a test: the harness catches BaseException and reports failure), printing a fake success
+line (stdout is not the result pipe), searching memory or frames for the nonce during the
+tests (it is not there yet), forking a copy of the harness (only the original pid may
+answer, and a second `D` spoils the exact match). The tests' verdict itself is protected
+by the harness (sandbox_harness.py): values compared are exact builtins (always-equal
+objects, builtin subclasses, `__class__` spoofing and metaclasses are rejected: status
+'rejected'); builtins and imported modules patched by the program are rejected too; the
+tests' own builtins and modules are private copies; frames (where the tests' data and the
+harness's state live) are unreachable. tests/reward_hacks_test.py runs each family.
+
+Not defended, by design of a single-interpreter harness: code written against this
+harness that writes `D` to the result fd itself and echoes the nonce (the fds are in
+argv); a C-level memory writer (ctypes is blocked by the audit hook, a second layer, not
+a boundary); in-place changes to mutable state inside stdlib modules the tests use (e.g.
+`copy._deepcopy_dispatch[list] = ...`: only module and class dicts are compared); and
+weak tests -- the sandbox proves the tests ran to the end on real values, not that the
+tests are strong. The seccomp filter exists for x86_64 and aarch64 only.
 """
 from __future__ import annotations
 
+import ast
+import builtins
+import collections
 import concurrent.futures
 import dataclasses
 import functools
 import itertools
 import json
 import os
+import pathlib
 import secrets
 import selectors
 import shutil
@@ -92,162 +105,82 @@ class Limits:
 @dataclasses.dataclass(frozen=True)
 class Result:
   passed: bool       # True only if the harness echoed this run's nonce after the tests.
-  # 'passed'; 'failed' (a test or the program raised, incl. SystemExit); 'exited' (the
-  # child ended without finishing the tests, e.g. os._exit(0)); 'killed' (a signal, e.g.
-  # the CPU limit); 'timeout' (wall limit); 'error' (the sandbox itself failed to run).
+  # 'passed'; 'failed' (a test or the program raised, incl. SystemExit); 'rejected' (a
+  # value the program returned was not made of builtin types, or it patched what the tests
+  # use: `reason` says which); 'exited' (the child ended without finishing the tests,
+  # e.g. os._exit(0)); 'killed' (a signal, e.g. the CPU limit); 'timeout' (wall limit);
+  # 'error' (the sandbox itself failed to run).
   status: str
   wall_s: float
   stdout_tail: str
   stderr_tail: str
   returncode: int | None = None
+  reason: str = ''         # why 'rejected', as the harness wrote it
+  audit_blocked: int = 0   # operations the harness's audit hook refused
+  flooded: bool = False    # stdout or stderr overflowed its kept tail
+
+  @property
+  def hack(self) -> str:
+    """'nonbuiltin' (a returned value was not made of builtin types), 'patched' (the
+    program changed builtins or modules the tests use) or '' (not rejected)."""
+    if self.status != 'rejected':
+      return ''
+    return 'patched' if self.reason.startswith('patched') else 'nonbuiltin'
 
 
-# ---------------------------------------------------------------------------------------
-# The harness: runs in the child as `python -I -S -c _HARNESS CONFIG_JSON`.
+# The harness (sandbox_harness.py), sent as text: the child needs no file of this repository.
+_HARNESS = (pathlib.Path(__file__).parent / 'sandbox_harness.py').read_text()
 
-_HARNESS = r'''
-import sys, os, json, gc, signal, resource, builtins, ctypes
 
-def _main():
-  cfg = json.loads(sys.argv[1])
-  _read, _write, _close, _exit, _getpid, _kill = (
-      os.read, os.write, os.close, os._exit, os.getpid, os.kill)
-  _listdir, _exec, _compile = os.listdir, exec, compile
-  _gc_disable = gc.disable
-  _signal, _out, _err = signal.signal, sys.stdout, sys.stderr
-  res_fd, nonce_fd = cfg['result_fd'], cfg['nonce_fd']
-  for fd in (res_fd, nonce_fd):
-    os.set_inheritable(fd, False)  # exec'd subprocesses of the candidate never get them
+@functools.lru_cache(maxsize=4096)
+def test_plan(tests: str) -> tuple[tuple[tuple[str, bool], ...], tuple[str, ...]]:
+  """What the harness must know of trusted test code before candidate code runs:
+  ((name, raw), ...) for each name the tests take from the program, and the modules the
+  tests import (with their parent packages).
 
-  chunks = []
-  while True:
-    b = _read(0, 1 << 20)
-    if not b:
-      break
-    chunks.append(b)
-  payload = json.loads(b''.join(chunks))
-  devnull = os.open('/dev/null', os.O_RDONLY)
-  os.dup2(devnull, 0)
-  _close(devnull)
-
-  libc = ctypes.CDLL(None, use_errno=True)
-
-  def mount(source, target, fstype, flags, data):
-    if libc.mount(source.encode(), target.encode(), fstype and fstype.encode(), flags,
-                  data and data.encode()) != 0:
-      raise OSError(ctypes.get_errno(), 'mount %s on %s' % (source, target))
-
-  if cfg['mount_tmpfs']:
-    # Only in our own mount namespace. World-writable dirs become empty, size-capped tmpfs.
-    # A dir the run's uid cannot traverse on the way to the interpreter's stdlib (e.g.
-    # /root, mode 0700) is hidden under a tmpfs, with just the stdlib bound back in.
-    if cfg['expose']:
-      hide, keep = cfg['expose']
-      keep_fd = os.open(keep, os.O_PATH | os.O_DIRECTORY)
-      mount('tmpfs', hide, 'tmpfs', 2 | 4, 'size=64k,mode=755')
-      os.makedirs(keep, mode=0o755)
-      mount('/proc/self/fd/%d' % keep_fd, keep, None, 4096 | 16384, None)  # MS_BIND|MS_REC
-      _close(keep_fd)
-    if cfg['readonly_root']:
-      # userns: we act as the trainer's own uid, so every existing mount becomes read-only
-      # (bind remount; deepest last so none is skipped) before the tmpfs dirs go on top.
-      with open('/proc/self/mountinfo') as f:
-        points = [line.split()[4] for line in f]
-      for point in sorted(set(points), key=len):
-        flags = 32 | 4096 | 1 | 2  # MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
-        if libc.mount(None, point.encode(), None, flags, None) != 0:
-          pass  # e.g. a mount we may not touch; it stays as it was (report says so)
-    for path, size in cfg['tmpfs']:
-      if os.path.isdir(path):
-        mount('tmpfs', path, 'tmpfs', 2 | 4, 'size=%dk,mode=1777' % size)  # NOSUID|NODEV
-    os.makedirs(cfg['workdir'], exist_ok=True)
-  if cfg['uid'] is not None:
-    os.chown(cfg['workdir'], cfg['uid'], cfg['uid'])
-  os.chmod(cfg['workdir'], 0o700)
-  os.chdir(cfg['workdir'])
-
-  cpu = cfg['cpu_s']
-  for what, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, cfg['as_bytes']),
-                      (resource.RLIMIT_FSIZE, cfg['fsize_bytes']),
-                      (resource.RLIMIT_NPROC, cfg['nproc']), (resource.RLIMIT_CORE, 0),
-                      (resource.RLIMIT_NOFILE, 256)):
-    resource.setrlimit(what, (value, value))
-  if cfg['uid'] is not None:
-    os.setgroups([])
-    os.setgid(cfg['uid'])
-    os.setuid(cfg['uid'])
-  libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot regain root.
-  if cfg['readonly_root']:
-    # Drop every capability we hold in our user namespace, so the code cannot remount.
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
-    data = (ctypes.c_uint32 * 6)()
-    if libc.capset(header, data) != 0:
-      raise OSError(ctypes.get_errno(), 'capset')
-
-  def hook(event, args, _exact=frozenset(('sys.settrace', 'sys.setprofile')),
-           _prefixes=('socket.', 'ctypes.', '_ssl.'),
-           _attrs=frozenset(('__code__', '__defaults__', '__kwdefaults__')),
-           _fn=None, _code=None):
-    # Any exception aborts the audited operation, so tampering with names this function
-    # looks up still blocks; its own defaults and code cannot be replaced (audited below).
-    if (event in _exact or event.startswith(_prefixes) or
-        (event == 'object.__setattr__' and type(args[0]) is _fn and args[1] in _attrs and
-         args[0].__code__ is _code)):
-      raise RuntimeError('sandbox: ' + event + ' is not allowed')
-  hook.__defaults__ = hook.__defaults__[:3] + (type(hook), hook.__code__)
-  sys.addaudithook(hook)
-
-  me = _getpid()
-  ns = {'__name__': '__candidate__', '__builtins__': builtins}
+  A program name is wrapped (every value it returns is checked) unless it is `raw`: the
+  tests only call it to build the arguments of another program call, as MBPP's
+  `max_chain_length([Pair(5, 24), ...], 4)` builds `Pair`s, whose instances are not
+  results. Builtin names are never taken from the program: the tests' `len` is the real one.
+  """
   try:
-    _exec(_compile(payload['program'], '<program>', 'exec'), ns)
-    _exec(_compile(payload['tests'], '<tests>', 'exec'), ns)
-  except BaseException:
-    try:
-      _out.flush()
-    except BaseException:
-      pass
-    try:
-      import traceback
-      traceback.print_exc(file=sys.__stderr__)
-      sys.__stderr__.flush()
-    except BaseException as e:
-      _write(2, ('sandbox: could not print the traceback: %r' % e).encode())
-    _write(res_fd, b'X')  # informative only (status 'failed'); never a success
-    _exit(1)
+    tree = ast.parse(tests)
+  except SyntaxError:
+    return (), ()  # the harness reports the SyntaxError
+  bound, imports = set(), set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+      bound.add(node.id)
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      bound.add(node.name)
+    elif isinstance(node, ast.arg):
+      bound.add(node.arg)
+    elif isinstance(node, ast.ExceptHandler) and node.name:
+      bound.add(node.name)
+    elif isinstance(node, ast.Import):
+      bound.update((a.asname or a.name).partition('.')[0] for a in node.names)
+      imports.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      bound.update(a.asname or a.name for a in node.names)
+      imports.add(node.module)
+  loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+  program = loaded - bound - set(dir(builtins))
+  uses = collections.defaultdict(set)
 
-  # Seal: no candidate code may run from here on (see the module docstring). Tracers and
-  # profilers cannot have been installed (the audit hook refuses them).
-  _gc_disable()
-  for s in range(1, signal.NSIG):
-    try:
-      _signal(s, signal.SIG_IGN)
-    except (OSError, ValueError, RuntimeError):
-      pass
-  if _getpid() != me:
-    _exit(3)   # a forked copy of the harness
-  if me == 1:
-    try:
-      _kill(-1, 9)  # pid 1 of our namespace: every other process in it
-    except ProcessLookupError:
-      pass  # there was none
-  try:
-    if len(_listdir('/proc/self/task')) != 1:
-      _exit(4)   # a candidate thread is still alive
-  except OSError:
-    _exit(4)
-  for f in (_out, _err):
-    try:
-      f.flush()
-    except BaseException:
-      pass
-  _write(res_fd, b'D')
-  nonce = _read(nonce_fd, 64)
-  _write(res_fd, nonce)
-  _exit(0)
+  def visit(node, in_arguments: bool):
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in program:
+      uses[node.func.id].add('argument' if in_arguments else 'call')
+      for child in [*node.args, *(k.value for k in node.keywords)]:
+        visit(child, True)
+      return
+    if isinstance(node, ast.Name) and node.id in program:
+      uses[node.id].add('value')
+    for child in ast.iter_child_nodes(node):
+      visit(child, in_arguments)
 
-_main()
-'''
+  visit(tree, False)
+  modules = {'.'.join(m.split('.')[:i + 1]) for m in imports for i in range(m.count('.') + 1)}
+  return tuple(sorted((n, uses[n] == {'argument'}) for n in program)), tuple(sorted(modules))
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,13 +217,21 @@ def _isolation() -> str:
   return 'plain'
 
 
+def _seccomp_report() -> str:
+  if os.uname().machine in ('x86_64', 'aarch64'):
+    return 'seccomp filter: no signal handlers, no threads'
+  return f'NO seccomp filter on {os.uname().machine}: signal handlers can see frames'
+
+
 def isolation_report() -> str:
   """What isolation is actually in force for runs on this machine, in words."""
   mode = _isolation()
   common = ('own session/process group, SIGKILL of the session at the wall limit; rlimits '
             'CPU, address space, file size, processes, open files, no core; env only '
             'PATH/LANG/HOME/TMPDIR; `python -I -S`; stdin=/dev/null; output tails capped; '
-            'audit hook blocks socket/ctypes/settrace (second layer only); nonce proof')
+            'not dumpable; ' + _seccomp_report() + '; audit hook blocks frames, gc '
+            'referrers, socket, ctypes, settrace (second layer only); results checked to '
+            'be builtin values; nonce proof')
   if mode == 'root-namespaces':
     return (f'{mode}: new network namespace (no interfaces up: no network), new pid '
             'namespace (everything dies with the harness, setsid orphans included), new '
@@ -350,9 +291,10 @@ class _Tail:
   """Keeps the last `cap` bytes of a stream while draining all of it."""
 
   def __init__(self, cap: int):
-    self.cap, self.buf = cap, bytearray()
+    self.cap, self.buf, self.total = cap, bytearray(), 0
 
   def add(self, data: bytes):
+    self.total += len(data)
     self.buf += data[-self.cap:]
     if len(self.buf) > self.cap:
       del self.buf[:len(self.buf) - self.cap]
@@ -368,10 +310,13 @@ def _kill_uid(uid: int):
 
 
 def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
-  """Runs `program` then `tests` in one namespace in a fresh sandboxed child process.
+  """Runs `program`, then `tests` against it, in a fresh sandboxed child process.
 
-  `passed` is True only when the harness proved that the tests returned normally; every
-  other outcome (assertion, exception, early exit, signal, timeout) is passed=False.
+  The tests run in their own namespace and see the program's names that they use
+  (`test_plan`), wrapped so that every value returned is checked to be made of builtin
+  types. `passed` is True only when the harness proved that the tests returned normally;
+  every other outcome (assertion, exception, rejected value, early exit, signal, timeout)
+  is passed=False.
   """
   mode = _isolation()
   root = os.geteuid() == 0
@@ -385,7 +330,8 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
   workdir = tempfile.mkdtemp(prefix='score_sbx_')
   res_r, res_w = os.pipe()
   nonce_r, nonce_w = os.pipe()
-  cfg = dict(result_fd=res_w, nonce_fd=nonce_r, workdir=workdir, uid=uid,
+  events_r, events_w = os.pipe()
+  cfg = dict(result_fd=res_w, nonce_fd=nonce_r, events_fd=events_w, workdir=workdir, uid=uid,
              mount_tmpfs=mode != 'plain', readonly_root=mode == 'userns',
              expose=_stdlib_exposure() if mode == 'root-namespaces' else None,
              tmpfs=[('/tmp', limits.file_size_mb * 4096), ('/var/tmp', 1024),
@@ -394,20 +340,24 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
              fsize_bytes=limits.file_size_mb << 20, nproc=limits.max_processes)
   env = {'PATH': '/usr/bin:/bin', 'LANG': 'C.UTF-8', 'HOME': workdir, 'TMPDIR': workdir}
   out, err, result = _Tail(limits.output_bytes), _Tail(limits.output_bytes), bytearray()
+  events = _Tail(0)  # one byte per operation the audit hook refused: only counted
   start = time.monotonic()
   try:
     proc = subprocess.Popen(_child_command(mode, cfg), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            pass_fds=(res_w, nonce_r), start_new_session=True, env=env,
+                            pass_fds=(res_w, nonce_r, events_w), start_new_session=True,
+                            env=env,
                             cwd=workdir)
   except OSError as e:
-    for fd in (res_r, res_w, nonce_r, nonce_w):
+    for fd in (res_r, res_w, nonce_r, nonce_w, events_r, events_w):
       os.close(fd)
     shutil.rmtree(workdir, ignore_errors=True)
     return Result(False, 'error', 0.0, '', f'sandbox could not start: {e}')
-  os.close(res_w)
-  os.close(nonce_r)
-  payload = json.dumps({'program': program, 'tests': tests}).encode()
+  for fd in (res_w, nonce_r, events_w):
+    os.close(fd)
+  names, imports = test_plan(tests)
+  payload = json.dumps({'program': program, 'tests': tests, 'names': names,
+                        'imports': imports}).encode()
   timed_out = False
   with selectors.DefaultSelector() as sel:
     for f in (proc.stdin, proc.stdout, proc.stderr):
@@ -416,6 +366,7 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
     sel.register(proc.stdout, selectors.EVENT_READ, out)
     sel.register(proc.stderr, selectors.EVENT_READ, err)
     sel.register(res_r, selectors.EVENT_READ, result)
+    sel.register(events_r, selectors.EVENT_READ, events)
     deadline = start + limits.wall_s
     exited_at = None
     while sel.get_map():
@@ -474,6 +425,7 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
     if not f.closed:
       f.close()
   os.close(res_r)
+  os.close(events_r)
   if nonce_w is not None:
     os.close(nonce_w)
   shutil.rmtree(workdir, ignore_errors=True)
@@ -483,6 +435,8 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
     status = 'passed'
   elif timed_out:
     status = 'timeout'
+  elif bytes(result[:1]) == b'R':
+    status = 'rejected'
   elif bytes(result[:1]) == b'X':
     status = 'failed'
   elif returncode == 0:
@@ -491,7 +445,9 @@ def run_tests(program: str, tests: str, limits: Limits = Limits()) -> Result:
     status = 'killed'  # (unshare reports its child's fatal signal as rc 1 + a message)
   else:
     status = 'exited'
-  return Result(passed, status, wall, out.text(), err.text(), returncode)
+  reason = bytes(result[1:]).decode('utf-8', 'replace') if status == 'rejected' else ''
+  return Result(passed, status, wall, out.text(), err.text(), returncode, reason,
+                events.total, out.total > out.cap or err.total > err.cap)
 
 
 def run_many(jobs: Sequence[tuple[str, str]], limits: Limits = Limits(),

@@ -325,6 +325,12 @@ class PooledGrading:
       return dict(_ZERO_STATS)
     return self._pool.stats
 
+  def reward_stats(self) -> dict[str, float]:
+    """`Task.reward_stats`: the pool's cumulative timeouts and errors (items scored 0)."""
+    stats = self.verifier_stats
+    return {'verifier_timeouts': float(stats['timeouts']),
+            'verifier_errors': float(stats['errors'])}
+
   def close(self):
     if self._pool is not None:
       self._pool.close()
