@@ -268,9 +268,13 @@ def test_model_config_from_hf_reads_both_config_generations():
 
 
 @pytest.mark.parametrize('change,match', [
-    (dict(model_type='llama'), 'llama'), (dict(hidden_act='relu'), 'relu'),
-    (dict(tie_word_embeddings=False), 'tie_word_embeddings'),
-    (dict(rope_scaling=dict(rope_type='yarn', factor=4.0)), 'yarn')])
+    (dict(model_type='gpt2'), 'gpt2'), (dict(hidden_act='relu'), 'relu'),
+    (dict(use_bidirectional_attention=True), 'use_bidirectional_attention'),
+    (dict(rope_scaling=dict(rope_type='yarn', factor=4.0)), 'yarn'),
+    # The Llama layout: an o_proj bias, Qwen's sliding layers, GELU.
+    (dict(model_type='llama', hidden_act='silu', attention_bias=True), 'attention_bias'),
+    (dict(model_type='qwen2', hidden_act='silu', use_sliding_window=True), 'use_sliding_window'),
+    (dict(model_type='llama'), "hidden_act 'gelu'")])
 def test_model_config_from_hf_refuses_what_the_model_cannot_do(change, match):
   with pytest.raises(import_hf.CheckpointImportError, match=match):
     import_hf.model_config_from_hf(dict(GEMMA_2B, **change))

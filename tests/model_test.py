@@ -280,7 +280,7 @@ def test_presets_build_valid_configs():
   g = model_lib.ModelConfig(**presets.get('gemma3_27b'))
   assert g.layer_types()[:6] == ('local',) * 5 + ('global',)
   assert g.query_pre_attn_scalar == g.embed_dim // g.num_heads  # 168, not head_dim
-  with pytest.raises(ValueError, match="unknown Gemma preset 'gemma4'"):
+  with pytest.raises(ValueError, match="unknown model preset 'gemma4'"):
     presets.get('gemma4')
 
 
