@@ -146,7 +146,8 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _gguf_pre_tokenizer(pre: str):
+def gguf_pre_tokenizer(pre: str):
+  """The `tokenizers` pre-tokenizer of GGUF `tokenizer.ggml.pre` = `pre`."""
   from tokenizers import Regex, pre_tokenizers as pt
   if pre in ('default', 'gpt-2', 'gpt2'):  # GPT-2's own regex inside ByteLevel
     return pt.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -235,7 +236,7 @@ class HFTokenizer:
                      # Llama 3's tokenizer.json (`ignore_merges`) does.
                      ignore_merges=pre in ('llama-bpe', 'llama3'))
     tk = TkTokenizer(bpe)
-    tk.pre_tokenizer = _gguf_pre_tokenizer(pre)
+    tk.pre_tokenizer = gguf_pre_tokenizer(pre)
     tk.decoder = decoders.ByteLevel()
     # Control tokens (type 3) are special, user-defined ones (4) matched whole but not
     # special: llama.cpp's token types.

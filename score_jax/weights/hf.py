@@ -187,6 +187,30 @@ def load_safetensors(path: str, model_config: model_lib.ModelConfig, shardings=N
                               shardings, dtype or model_config.param_dtype)
 
 
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], file: str):
+  """The format `read_header` reads: 8-byte little-endian header length, the JSON table
+  (with transformers' `format: pt` metadata), then each tensor's bytes in name order.
+  Written to a temporary name and renamed, so a killed export leaves no half file."""
+  header, offset = {'__metadata__': {'format': 'pt'}}, 0
+  names = sorted(tensors)
+  for name in names:
+    x = tensors[name]
+    header[name] = dict(dtype=_NAMES[x.dtype], shape=list(x.shape),
+                        data_offsets=[offset, offset + x.nbytes])
+    offset += x.nbytes
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # The data section starts 8-byte aligned.
+  tmp = file + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(len(raw).to_bytes(8, 'little') + raw)
+    for name in names:
+      f.write(np.ascontiguousarray(tensors[name]).tobytes())
+  os.replace(tmp, file)
+
+
 def load_config(path: str) -> dict:
   """`model_config_from_hf` of the `config.json` in checkpoint directory `path`."""
   file = os.path.join(path, 'config.json')
