@@ -21,8 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict(dict(
       name="arithmetic", num_digits=2, num_operands=2, slip_prob=0.9, slip_min_carries=2,
       eval_fraction=0.125))
-  # 'plain' (newlines) or 'gemma_chat' (instruction-tuned Gemma's turn markers; the
-  # model's <end_of_turn> also stops a turn).
+  # 'plain' (newlines), 'gemma_chat' (instruction-tuned Gemma's turn markers; the
+  # model's <end_of_turn> also stops a turn) or 'chat_template' (the tokenizer's own chat
+  # template, score_jax/chat_template.py; its end-of-turn token stops a turn).
   c.prompt_format = "plain"
 
   vocab = ml_collections.FieldReference(128)
@@ -30,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
       path="",  # '' = train on the task's text into <workdir>/tokenizer.model.
       vocab_size=vocab, corpus_size=4000))
 
-  # ModelConfig fields (score_jax/model.py); `score_jax.presets.get(name)` gives Gemma's.
+  # ModelConfig fields (score_jax/model.py); `score_jax.presets.get(name)` gives published
+  # sizes (Gemma, Llama 3, Qwen2.5/3, SmolLM2).
   # Precision: param_dtype float32 + dtype bfloat16 is mixed precision, the params being
   # the float32 master (cast to bfloat16 where used); param_dtype bfloat16 stores bfloat16
   # params and keeps the float32 master inside the optimizer (train.with_float32_master).
@@ -45,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The base model, which is also the frozen reference. source: 'sft' = make it here from
   # the task's base transcripts (embedded tasks); 'hf' = a Hugging Face safetensors
-  # directory, 'gemma' = an official Flax/Orbax Gemma checkpoint, 'checkpoint' = our own
+  # directory, 'gguf' = a llama.cpp .gguf file (dequantized), 'gemma' = an official
+  # Flax/Orbax Gemma checkpoint, 'checkpoint' = our own
   # Orbax directory (all at `checkpoint`); 'init' = random weights (smoke tests).
   c.base = ml_collections.ConfigDict(dict(
       source="sft", checkpoint="", steps=800, batch_size=64, learning_rate=3e-3,

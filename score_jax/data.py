@@ -22,8 +22,10 @@ def transcript_text(fmt: PromptFormat, task: Task, problem: Problem, y1: str, y2
 
 def encode_prompts(tok: Tokenizer, fmt: PromptFormat, task: Task,
                    problems: Sequence[Problem], max_len: int):
-  """Left-padded [BOS, prompt] ids -> (tokens_BxP, valid_BxP)."""
-  ids = [[tok.bos_id] + tok.encode(fmt.prompt_text(task, p)) for p in problems]
+  """Left-padded [BOS, prompt] ids -> (tokens_BxP, valid_BxP); no BOS when the tokenizer
+  has none to add (bos_id None: a chat template that writes it, or a model without one)."""
+  bos = [] if tok.bos_id is None else [tok.bos_id]
+  ids = [bos + tok.encode(fmt.prompt_text(task, p)) for p in problems]
   return rollout.left_pad(ids, max_len, pad_id=tok.pad_id)
 
 

@@ -45,8 +45,8 @@ def _one_of(config, field: str, allowed):
 def check_config(config, num_devices: int):
   """Fails early, naming the field, instead of deep inside a compiled function."""
   _one_of(config, "mode", ("train", "eval"))
-  _one_of(config, "base.source", ("sft", "init", "checkpoint", "hf", "gemma"))
-  _one_of(config, "prompt_format", tuple(formats.PROMPT_FORMATS))
+  _one_of(config, "base.source", ("sft", "init", "checkpoint", "hf", "gguf", "gemma"))
+  _one_of(config, "prompt_format", tuple(formats.PROMPT_FORMATS) + ("chat_template",))
   _one_of(config, "task.name", tuple(known_tasks()))
   _one_of(config, "rl.reference_dtype", ("float32", "bfloat16"))
   _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
@@ -97,7 +97,7 @@ def check_config(config, num_devices: int):
     _check(v > 0 and v % data_size == 0, f, v,
            f"must be a positive multiple of the data axis size ({data_size} devices)")
   _check(config.eval.num_problems > 0, "eval.num_problems", config.eval.num_problems, "must be > 0")
-  uses_checkpoint = config.base.source in ("checkpoint", "hf", "gemma")
+  uses_checkpoint = config.base.source in ("checkpoint", "hf", "gguf", "gemma")
   for f, path in (("tokenizer.path", config.tokenizer.path),
                   ("eval.checkpoint", config.eval.checkpoint),
                   ("eval.repair_path", config.eval.repair_path),
@@ -106,10 +106,14 @@ def check_config(config, num_devices: int):
   if uses_checkpoint:
     _check(bool(config.base.checkpoint), "base.checkpoint", config.base.checkpoint,
            f"required when base.source={config.base.source!r}")
+  _check(config.prompt_format != "chat_template" or bool(config.tokenizer.path),
+         "tokenizer.path", config.tokenizer.path,
+         "prompt_format='chat_template' reads the template from the model's tokenizer")
   if config.base.source != "sft":
     _check(bool(config.tokenizer.path) or config.base.source == "init", "tokenizer.path",
            config.tokenizer.path, f"required with pretrained weights (base.source="
-           f"{config.base.source!r}): the model's own tokenizer.model")
+           f"{config.base.source!r}): the model's own tokenizer.model, tokenizer.json "
+           f"directory or .gguf file")
 
 
 def main(argv):

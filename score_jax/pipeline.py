@@ -24,15 +24,15 @@ from score_jax import evaluate
 from score_jax import sampling
 from score_jax.model import ModelConfig
 from score_jax.tasks import get_task
-from score_jax.tokenizer import Tokenizer
+from score_jax.tokenizer import Tokenizer, load_tokenizer
 from score_jax.train import PHASES, Trainer
 
 
 def load_or_train_tokenizer(config, workdir: str, task, fmt: formats.PromptFormat) -> Tokenizer:
   """The tokenizer at `config.tokenizer.path` (Gemma's tokenizer.model), else one trained
   here on the task's text into the workdir (kept, so a resumed run reuses it)."""
-  if config.tokenizer.path:
-    return Tokenizer.load(config.tokenizer.path)
+  if config.tokenizer.path:  # SentencePiece, tokenizer.json or a GGUF file's metadata
+    return load_tokenizer(config.tokenizer.path)
   path = os.path.join(workdir, "tokenizer.model")
   if os.path.exists(path):
     return Tokenizer.load(path)
@@ -53,8 +53,13 @@ def load_or_train_tokenizer(config, workdir: str, task, fmt: formats.PromptForma
 def build(config, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   task = get_task(config.task)
-  fmt = formats.get_prompt_format(config.prompt_format)
-  tok = load_or_train_tokenizer(config, workdir, task, fmt)
+  if config.prompt_format == "chat_template":  # The model's own template decides the format.
+    from score_jax import chat_template
+    tok = load_tokenizer(config.tokenizer.path)
+    fmt = chat_template.prompt_format(tok)
+  else:
+    fmt = formats.get_prompt_format(config.prompt_format)
+    tok = load_or_train_tokenizer(config, workdir, task, fmt)
   if tok.vocab_size > config.model.vocab_size:
     raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's {tok.vocab_size} pieces")
@@ -75,6 +80,12 @@ def _import_base(trainer: Trainer):
     return import_hf.load_safetensors(b.checkpoint, trainer.model.config,
                                       shardings=trainer.param_sh,
                                       abstract=trainer.abstract_params)
+  if b.source == "gguf":  # A llama.cpp file, dequantized.
+    from score_jax.weights import gguf as import_gguf
+    check_model_matches(trainer.model.config, import_gguf.model_config_from_gguf(b.checkpoint),
+                        b.checkpoint)
+    return import_gguf.load_gguf(b.checkpoint, trainer.model.config, shardings=trainer.param_sh,
+                                 abstract=trainer.abstract_params)
   if b.source == "gemma":
     from score_jax.weights import gemma as import_gemma
     # Released checkpoints pad the embedding to 256,128 rows; the tokenizer has 256,000.
@@ -155,7 +166,8 @@ def evaluate_repair(trainer: Trainer, name: str, params, path: str) -> dict:
   task, tok, fmt = trainer.task, trainer.tok, trainer.fmt
   repair, given_acc = _repair_set(task, path)
   turn_end = trainer.stop_ids[-1]  # What ends a sampled y1: EOS, or <end_of_turn> in chat.
-  contexts = [[tok.bos_id] + tok.encode(fmt.prompt_text(task, e.problem)) +
+  bos = [] if tok.bos_id is None else [tok.bos_id]
+  contexts = [bos + tok.encode(fmt.prompt_text(task, e.problem)) +
               tok.encode(e.first_attempt) + [turn_end] + trainer.instr.tolist()
               for e in repair.episodes]
   texts = []

@@ -17,7 +17,7 @@ from score_jax import chat_template
 from score_jax import tokenizer as tokenizer_lib
 from score_jax.tasks import arithmetic
 
-SMOLLM2 = __import__('gguf_test').SMOLLM2
+from gguf_test import smollm2_path
 
 QWEN_STYLE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -53,7 +53,7 @@ INSTRUCTIONS = [arithmetic.CORRECTION_INSTRUCTION, 'Check it once more.']
 def smollm2_dir(tmp_path_factory):
   """SmolLM2's tokenizer (from the GGUF) saved as tokenizer.json, the base of the others."""
   path = tmp_path_factory.mktemp('smollm2')
-  tokenizer_lib.load_tokenizer(SMOLLM2).save(path)
+  tokenizer_lib.load_tokenizer(smollm2_path()).save(path)
   return path
 
 
@@ -127,7 +127,7 @@ def test_conversation_tokens_equal_apply_chat_template(smollm2_dir, tmp_path, na
 
 
 def test_smollm2_format_is_its_chatml():
-  tok = tokenizer_lib.load_tokenizer(SMOLLM2)
+  tok = tokenizer_lib.load_tokenizer(smollm2_path())
   fmt = chat_template.prompt_format(tok)
   assert fmt.turn1 == ('<|im_start|>system\nYou are a helpful AI assistant named SmolLM, '
                        'trained by Hugging Face<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>'
@@ -163,3 +163,26 @@ def test_render_has_transformers_globals():
                               dict(bos_token='<s>')) == '[{"role": "user", "content": "<é>"}]<s>'
   with pytest.raises(jinja2.TemplateError, match='no system role'):
     chat_template.render(template, [dict(role='system', content='x')], False, {})
+
+
+def test_smollm2_config_checks_and_fits_its_lengths():
+  """configs/smollm2.py passes the run's config check, and its prompts and instruction fit
+  the rollout lengths it sets."""
+  import importlib.util
+  import jax
+  from score_jax import data, main
+  from score_jax.tasks import get_task
+  spec = importlib.util.spec_from_file_location('smollm2_config', os.path.join(
+      os.path.dirname(__file__), '..', 'configs', 'smollm2.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  main.check_config(config, jax.device_count())
+  tok = tokenizer_lib.load_tokenizer(config.tokenizer.path)
+  fmt = chat_template.prompt_format(tok)
+  task = get_task(config.task)
+  prompts, _ = data.encode_prompts(tok, fmt, task, task.eval_problems(8),
+                                   config.rollout.max_prompt_len)
+  assert prompts.shape == (8, config.rollout.max_prompt_len)
+  assert len(data.instruction_ids(tok, fmt, task)) < config.rollout.max_len_1
+  assert task.reward('37 + 67 = 104\n\nThis is 3 steps.', task.make_problem(37, 67)) == 1.0

