@@ -36,17 +36,6 @@ from score_jax.weights import hf as hf_lib
 from score_jax.weights import hf_config
 from score_jax.weights import mapping
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config file (optional).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s workdir (checkpoints).')
-_PHASE = flags.DEFINE_string('phase', 'stage2', 'Checkpoint directory <workdir>/<phase>.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-_OUT = flags.DEFINE_string('out', None, 'Output directory.')
-_PRESET = flags.DEFINE_string('model_preset', None, 'score_jax.presets name, without a config.')
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Tokenizer path (default: the config\'s, '
-                                 'else <workdir>/tokenizer.model).')
-_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
-                           'Stored dtype (default: the model\'s param_dtype).')
-
 # Tokenizer files of an HF directory that transformers reads.
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                     'chat_template.jinja', 'tokenizer.model')
@@ -132,30 +121,50 @@ def export(params, model_config: model_lib.ModelConfig, out: str, tokenizer_path
     write_tokenizer(tokenizer_path, out)
 
 
-def main(argv):
+def _define_flags():
+  """The CLI's flags, defined only when run as a program: `--config` would clash with
+  score_jax.main's in a process that imports both (the tests)."""
+  f = dict(
+      config=config_flags.DEFINE_config_file('config', None, "The run's config file (optional)."),
+      workdir=flags.DEFINE_string('workdir', None, "The run's workdir (checkpoints)."),
+      phase=flags.DEFINE_string('phase', 'stage2', 'Checkpoint directory <workdir>/<phase>.'),
+      step=flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).'),
+      out=flags.DEFINE_string('out', None, 'Output directory.'),
+      model_preset=flags.DEFINE_string('model_preset', None,
+                                       'score_jax.presets name, without a config.'),
+      tokenizer=flags.DEFINE_string('tokenizer', None, "Tokenizer path (default: the config's, "
+                                    'else <workdir>/tokenizer.model).'),
+      dtype=flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                              "Stored dtype (default: the model's param_dtype)."))
+  return f
+
+
+def main(argv, f):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value or not _OUT.value:
+  workdir, out = f['workdir'].value, f['out'].value
+  if not workdir or not out:
     raise app.UsageError('--workdir and --out are required')
   try:
-    config = run_config(_WORKDIR.value, _CONFIG.value, _PRESET.value)
+    config = run_config(workdir, f['config'].value, f['model_preset'].value)
     model_config = model_lib.ModelConfig.from_config(config.model)
-    params, step = restore(_WORKDIR.value, _PHASE.value, model_config, _STEP.value)
-    tokenizer_path = _TOKENIZER.value or config.get('tokenizer', {}).get('path') or None
-    if not tokenizer_path and os.path.isfile(os.path.join(_WORKDIR.value, 'tokenizer.model')):
-      tokenizer_path = os.path.join(_WORKDIR.value, 'tokenizer.model')
+    params, step = restore(workdir, f['phase'].value, model_config, f['step'].value)
+    tokenizer_path = f['tokenizer'].value or config.get('tokenizer', {}).get('path') or None
+    if not tokenizer_path and os.path.isfile(os.path.join(workdir, 'tokenizer.model')):
+      tokenizer_path = os.path.join(workdir, 'tokenizer.model')
     fmt = config.get('prompt_format')
     stop_pieces = ()
     if fmt and fmt != 'chat_template':
       from score_jax.tasks import formats
       stop_pieces = formats.get_prompt_format(fmt).stop_pieces
-    export(params, model_config, _OUT.value, tokenizer_path, _DTYPE.value, stop_pieces)
+    export(params, model_config, out, tokenizer_path, f['dtype'].value, stop_pieces)
   except (ValueError, checkpoints.CheckpointError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(f'exported {_WORKDIR.value}/{_PHASE.value}/{step} as '
-        f'{hf_config.hf_model_type(model_config)} -> {_OUT.value}')
+  print(f"exported {workdir}/{f['phase'].value}/{step} as "
+        f'{hf_config.hf_model_type(model_config)} -> {out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags))

@@ -36,3 +36,18 @@ def test_family_switches():
   for name in PUBLISHED:
     c = get(name)
     assert (c.mlp_activation, c.norm_plus_one, c.scale_embeddings) == ('silu', False, False)
+
+
+@pytest.mark.parametrize('name', presets.NAMES)
+def test_exported_config_json_reads_back_and_in_transformers(name):
+  """Every preset, Gemma's too: the config.json export writes reads back to the same
+  ModelConfig, and transformers builds its config class from it with the same sizes."""
+  import transformers
+  from score_jax.weights import hf_config
+  config = model_lib.ModelConfig(**presets.get(name))
+  written = hf_config.hf_config_from_model(config)
+  assert model_lib.ModelConfig(**hf_config.model_config_from_hf(written)) == config
+  theirs = transformers.AutoConfig.for_model(**written)
+  assert type(theirs).__name__.replace('TextConfig', 'Config') == written[
+      'architectures'][0].replace('ForCausalLM', 'Config')
+  assert model_lib.ModelConfig(**hf_config.model_config_from_hf(theirs.to_dict())) == config
