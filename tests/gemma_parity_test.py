@@ -9,7 +9,9 @@ extra).
 """
 import pytest
 
-from hf_parity import VOCAB, WIDTH, build_case, check_orbax_round_trip
+# The two parity tests every family runs, on this module's `case` fixture.
+from hf_parity import test_logits_and_greedy_match_hf, test_orbax_round_trip_keeps_parity  # noqa: F401
+from hf_parity import VOCAB, WIDTH, build_case
 from score_jax import model as model_lib
 
 WINDOW = 8  # < the 20-token prompts + 32 greedy tokens
@@ -57,13 +59,3 @@ def test_imported_config_has_the_variant_switches(case):
     assert types == (model_lib.LOCAL,) * 5 + (model_lib.GLOBAL,) and config.use_qk_norm
     assert (config.rope_base, config.local_rope_base) == (1_000_000, 10_000)
     assert config.rope_scale_factor == 8.0 and config.sliding_window_size == WINDOW
-
-
-def test_logits_and_greedy_match_hf(case):
-  name, _, ours, params, want_logits, want_greedy = case
-  diff = ours.check_against(params, want_logits, want_greedy)
-  print(f'{name}: max |logit diff| = {diff:.2e}')
-
-
-def test_orbax_round_trip_keeps_parity(case, tmp_path):
-  check_orbax_round_trip(case, tmp_path / 'ckpt')

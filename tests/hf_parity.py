@@ -101,9 +101,20 @@ def build_case(name: str, config_class: str, kw: dict, path):
   return name, hf, Ours(config), params, want_logits, want_greedy
 
 
-def check_orbax_round_trip(case, directory):
+# Parity tests shared by the family modules, which import them and define `case`:
+# (name, HF model, Ours, imported params, HF logits, HF greedy tokens).
+
+
+def test_logits_and_greedy_match_hf(case):
+  name, _, ours, params, want_logits, want_greedy = case
+  diff = ours.check_against(params, want_logits, want_greedy)
+  print(f'{name}: max |logit diff| = {diff:.2e}')
+
+
+def test_orbax_round_trip_keeps_parity(case, tmp_path):
   """Saved with our Checkpointer and restored: the same arrays and the same parity."""
   _, _, ours, params, want_logits, want_greedy = case
+  directory = tmp_path / 'ckpt'
   ckpt = checkpoints.Checkpointer(str(directory))
   ckpt.save(0, params, force=True)
   ckpt.close()

@@ -9,7 +9,9 @@ llama3 rotary scaling and a sliding window shorter than the sequence.
 """
 import pytest
 
-from hf_parity import VOCAB, WIDTH, build_case, check_orbax_round_trip
+# The two parity tests every family runs, on this module's `case` fixture.
+from hf_parity import test_logits_and_greedy_match_hf, test_orbax_round_trip_keeps_parity  # noqa: F401
+from hf_parity import VOCAB, WIDTH, build_case
 from score_jax import model as model_lib
 
 WINDOW = 8  # Mistral: < the 20-token prompts + 32 greedy tokens
@@ -63,13 +65,3 @@ def test_imported_config_has_the_family_switches(case):
     assert c.layer_types() == (model_lib.GLOBAL,) * 2
   attn = params['layer_0']['attn']
   assert ('qkv_einsum' in attn) == (c.num_kv_heads == c.num_heads)
-
-
-def test_logits_and_greedy_match_hf(case):
-  name, _, ours, params, want_logits, want_greedy = case
-  diff = ours.check_against(params, want_logits, want_greedy)
-  print(f'{name}: max |logit diff| = {diff:.2e}')
-
-
-def test_orbax_round_trip_keeps_parity(case, tmp_path):
-  check_orbax_round_trip(case, tmp_path / 'ckpt')
