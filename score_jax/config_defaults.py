@@ -71,8 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict(dict(
       name="arithmetic", num_digits=2, num_operands=2, slip_prob=0.9, slip_min_carries=2,
       eval_fraction=0.125))
-  # tasks/formats.py: 'plain' (newlines) or 'gemma_chat' (instruction-tuned Gemma's turn
-  # markers; the model's <end_of_turn> also stops a turn).
+  # tasks/formats.py: 'plain' (newlines), 'gemma_chat' (instruction-tuned Gemma's turn
+  # markers; the model's <end_of_turn> also stops a turn) or 'chat_template' (the
+  # tokenizer's own chat template, score_jax/chat_template.py; its end-of-turn token stops
+  # a turn).
   c.prompt_format = "plain"
 
   vocab = ml_collections.FieldReference(128)
@@ -80,7 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
       path="",  # '' = train on the task's text into <workdir>/tokenizer.model.
       vocab_size=vocab, corpus_size=4000))
 
-  # ModelConfig fields (score_jax/model.py); `score_jax.presets.get(name)` gives Gemma's.
+  # ModelConfig fields (score_jax/model.py); `score_jax.presets.get(name)` gives published
+  # sizes (Gemma, Llama 3, Qwen2.5/3, SmolLM2).
   # Precision: param_dtype float32 + dtype bfloat16 is mixed precision, the params being
   # the float32 master (cast to bfloat16 where used); param_dtype bfloat16 stores bfloat16
   # params and keeps the float32 master inside the optimizer (train.with_float32_master).
@@ -94,9 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sharding_rules = [(".*", ())]
 
   # The weights the first phase starts from (a phase with init=''). source: 'random'
-  # (seeded by `seed`); 'hf' = a Hugging Face safetensors directory, 'gemma' = an official
-  # Flax/Orbax Gemma checkpoint, 'checkpoint' = our own Orbax directory, all at
-  # `checkpoint`; imported weights are saved once as <workdir>/init/0.
+  # (seeded by `seed`); 'hf' = a Hugging Face safetensors directory, 'gguf' = a llama.cpp
+  # .gguf file (dequantized), 'gemma' = an official Flax/Orbax Gemma checkpoint,
+  # 'checkpoint' = our own Orbax directory, all at `checkpoint`; imported weights are saved
+  # once as <workdir>/init/0.
   c.init = ml_collections.ConfigDict(dict(source="random", checkpoint=""))
 
   # Sampling during training (evaluation is greedy). Lengths in tokens; max_len is per
@@ -196,7 +200,7 @@ def check(config, num_devices: int):
   _one_of(config, "mode", ("train", "eval"))
   phases = recipes.resolve(config)
   _one_of(config, "init.source", run.INIT_SOURCES)
-  _one_of(config, "prompt_format", tuple(formats.PROMPT_FORMATS))
+  _one_of(config, "prompt_format", tuple(formats.PROMPT_FORMATS) + ("chat_template",))
   _one_of(config, "task.name", tuple(known_tasks()))
   _one_of(config, "rl.reference_dtype", ("float32", "bfloat16"))
   _one_of(config, "model.param_dtype", ("float32", "bfloat16"))
@@ -256,7 +260,10 @@ def check(config, num_devices: int):
           f"required when init.source={config.init.source!r}")
     check(bool(config.tokenizer.path), "tokenizer.path", config.tokenizer.path,
           f"required with pretrained weights (init.source={config.init.source!r}): the "
-          "model's own tokenizer")
+          "model's own tokenizer.model, tokenizer.json directory or .gguf file")
+  check(config.prompt_format != "chat_template" or bool(config.tokenizer.path),
+        "tokenizer.path", config.tokenizer.path,
+        "prompt_format='chat_template' reads the template from the model's tokenizer")
 
 
 def gemma_config(preset: str, weights_dir: str) -> ml_collections.ConfigDict:

@@ -3,7 +3,8 @@
     python -m score_jax.memory --model=gemma2_2b --batch=512 --seq_len=2048 --mesh=data:8 \
         --hbm_gb=32 [--microbatches=8] [--param_dtype=float32] [--embed_dim=... any field]
 
-Formula (P params, L layers, V vocab, D width, F hidden, N/K heads/kv heads, H head dim;
+Formula (P params: embeddings (twice when the head is untied), attention incl. q/k/v
+biases, MLP, norms; L layers, V vocab, D width, F hidden, N/K heads/kv heads, H head dim;
 b = episodes per device per microbatch, S = training sequence length, T = b*S):
   policy params   P * bytes(param_dtype) / shard          shard = product of --param_axes
   reference       P * bytes(reference_dtype) / shard      frozen: no grads, no moments
@@ -53,8 +54,10 @@ def param_count(c: model_lib.ModelConfig) -> int:
   """Exact number of parameters of `Transformer(c)` (checked against eval_shape in tests)."""
   D, F, N, K, H = c.embed_dim, c.hidden_dim, c.num_heads, c.num_kv_heads, c.head_dim
   attn = (3 * N * D * H if K == N else N * D * H + 2 * K * D * H) + N * H * D
+  attn += (N + 2 * K) * H * c.qkv_bias
   norms = D * (2 + c.use_post_attn_norm + c.use_post_ffw_norm) + 2 * H * c.use_qk_norm
-  return c.vocab_size * D + c.num_layers * (attn + 3 * D * F + norms) + D
+  embeddings = c.vocab_size * D * (1 if c.tie_embeddings else 2)  # + an untied lm_head
+  return embeddings + c.num_layers * (attn + 3 * D * F + norms) + D
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,16 @@
-"""Gemma 1/2/3 text decoder (flax.linen) over the slot layout (README "Design").
+"""Gemma 1/2/3, Llama 2/3, Qwen2/2.5/3, SmolLM2 and Mistral text decoders (flax.linen) over
+the slot layout (README "Design").
 
 One definition; `ModelConfig` switches turn Gemma 1 into Gemma 2 (local/global layers,
 soft-capping, post-norms, query scalar) and Gemma 3 (QK-norm, 5 local : 1 global, separate
-rotary bases, linear rotary scaling on global layers). `presets.py` names the published
-sizes. Param names and shapes follow Gemma's reference `gemma/modules.py` so its
-checkpoints (and Hugging Face's, via `import_hf`) map onto this tree.
+rotary bases, linear rotary scaling on global layers), and the defaults (Gemma's) into the
+Llama layout: SiLU-gated MLP, RMSNorm with a plain scale and the family's epsilon, no
+sqrt(D) embedding scale, an untied `lm_head`, q/k/v biases (Qwen2), QK-norm (Qwen3), llama3
+rotary scaling (Llama 3.1/3.2), a sliding window on every layer (Mistral). The rotary
+embedding is the same split-half rotation in every family (HF's `rotate_half` is Gemma's
+layout). `presets.py` names the published sizes. Param names and shapes follow Gemma's
+reference `gemma/modules.py` for every family, so one mapping per source (`weights/`)
+fills the tree.
 
 The model never sees slot indices: callers pass rotary positions and an attention mask,
 which is what makes logits independent of the padding layout. The sliding window is
@@ -23,6 +29,9 @@ import jax.numpy as jnp
 MASK_VALUE = -2.3819763e38
 
 LOCAL, GLOBAL = 'local', 'global'  # attention types (Gemma's LOCAL_SLIDING / GLOBAL)
+
+# Gated-MLP activations by config name: Gemma's tanh-approximated GELU, Llama's SiLU.
+_ACTIVATIONS = {'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True), 'silu': jax.nn.silu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,19 @@ class ModelConfig:
   use_post_attn_norm: bool = False
   use_post_ffw_norm: bool = False
   use_qk_norm: bool = False  # RMSNorm over head_dim of queries and keys, before rotary
+  # The Llama-layout switches (defaults: Gemma).
+  mlp_activation: str = 'gelu_tanh'  # 'silu' (Llama, Qwen, Mistral)
+  norm_plus_one: bool = True  # RMSNorm scale stored as an offset from 1 (Gemma), else plain
+  norm_eps: float = 1e-6
+  scale_embeddings: bool = True  # inputs * sqrt(embed_dim) (Gemma only)
+  tie_embeddings: bool = True  # False: a separate `embedder/lm_head` [V, D] unembeds
+  qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2), none on the output
+  all_layers_local: bool = False  # every layer slides (Mistral), overriding the pattern
+  # Llama 3.1 / 3.2 rotary scaling on GLOBAL layers (HF rope_type 'llama3'); None: off.
+  rope_llama3_factor: float | None = None
+  rope_llama3_low_freq_factor: float = 1.0
+  rope_llama3_high_freq_factor: float = 4.0
+  rope_llama3_original_max_len: int = 8192
 
   def __post_init__(self):
     if self.local_global_pattern < 0:
@@ -62,6 +84,11 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
+    if self.mlp_activation not in _ACTIVATIONS:
+      raise ValueError(f'mlp_activation={self.mlp_activation!r}: one of {sorted(_ACTIVATIONS)}')
+    if self.rope_llama3_factor is not None and self.rope_scale_factor != 1.0:
+      raise ValueError('rope_llama3_factor and rope_scale_factor (linear) both set: one '
+                       'rotary scaling at a time')
 
   @classmethod
   def from_config(cls, cfg) -> 'ModelConfig':
@@ -72,6 +99,8 @@ class ModelConfig:
   def layer_types(self) -> tuple[str, ...]:
     """LOCAL/GLOBAL per layer, as HF's `layer_types` and Gemma's `attention_types`."""
     n = self.local_global_pattern
+    if self.all_layers_local:
+      return (LOCAL,) * self.num_layers
     return tuple(GLOBAL if n <= 1 or (i + 1) % n == 0 else LOCAL
                  for i in range(self.num_layers))
 
@@ -112,13 +141,34 @@ def window_mask(attn_mask_BxLxS, positions_BxL, key_positions_BxS, window: int):
   return attn_mask_BxLxS & (distance_BxLxS < window)
 
 
+def llama3_timescale(timescale_H2: jax.Array, factor: float, low_freq_factor: float,
+                     high_freq_factor: float, original_max_len: int) -> jax.Array:
+  """Llama 3.1's rotary rescaling (HF `_compute_llama3_parameters`, in timescales = 1 /
+  inv_freq): wavelengths longer than original_max_len / low_freq_factor are stretched by
+  `factor`, shorter than original_max_len / high_freq_factor kept, and the band between
+  interpolated smoothly."""
+  inv_freq = 1.0 / timescale_H2
+  wavelen = 2 * math.pi * timescale_H2
+  low_freq_wavelen = original_max_len / low_freq_factor
+  high_freq_wavelen = original_max_len / high_freq_factor
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return 1.0 / jnp.where(medium, smoothed, scaled)
+
+
 def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, base: int,
-               scale_factor: float = 1.0) -> jax.Array:
-  """Split-half rotary embedding as in Gemma (not interleaved pairs); linear scaling
-  divides the positions by `scale_factor` (Gemma 3 global layers)."""
+               scale_factor: float = 1.0, llama3: tuple | None = None) -> jax.Array:
+  """Split-half rotary embedding as in Gemma and HF's `rotate_half` (not interleaved
+  pairs); linear scaling divides the positions by `scale_factor` (Gemma 3 global layers);
+  `llama3` = (factor, low_freq_factor, high_freq_factor, original_max_len) rescales the
+  frequencies (`llama3_timescale`)."""
   head_dim = x_BxLxNxH.shape[-1]
   fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
   timescale = base ** fraction
+  if llama3 is not None:
+    timescale = llama3_timescale(timescale, *llama3)
   angle_BxLx1xH2 = (positions_BxL[..., None].astype(jnp.float32) / timescale
                     / scale_factor)[:, :, None, :]
   sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
@@ -142,15 +192,27 @@ class Einsum(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """Scale stored as an offset from 1, so a zero-initialised norm is the identity (Gemma)."""
+  """Gemma stores the scale as an offset from 1, so a zero-initialised norm is the identity,
+  and scales in float32; Llama-layout models store the plain scale (one-initialised) and,
+  as HF's LlamaRMSNorm, cast the normalised input back before scaling."""
   param_dtype: str = 'float32'
+  plus_one: bool = True
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', nn.initializers.zeros_init(), (x.shape[-1],), self.param_dtype)
+    init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+    scale = self.param('scale', init, (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
-    return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rms_norm(c: 'ModelConfig', name: str | None = None) -> RMSNorm:
+  """The config's RMSNorm (offset convention, epsilon) under `name`."""
+  return RMSNorm(c.param_dtype, c.norm_plus_one, c.norm_eps, name=name)
 
 
 class Embedder(nn.Module):
@@ -161,16 +223,22 @@ class Embedder(nn.Module):
     self.input_embedding = self.param(
         'input_embedding', nn.initializers.normal(c.embed_dim ** -0.5),
         (c.vocab_size, c.embed_dim), c.param_dtype)
+    if not c.tie_embeddings:  # HF's lm_head.weight layout, [V, D].
+      self.lm_head = self.param('lm_head', nn.initializers.normal(c.embed_dim ** -0.5),
+                                (c.vocab_size, c.embed_dim), c.param_dtype)
 
   def encode(self, tokens_BxL: jax.Array) -> jax.Array:
     x_BxLxD = self.input_embedding[tokens_BxL].astype(self.config.dtype)
+    if not self.config.scale_embeddings:
+      return x_BxLxD
     # Gemma casts sqrt(D) to the activation dtype before multiplying; do the same so bf16
     # runs match its checkpoints bit for bit.
     return x_BxLxD * jnp.sqrt(self.config.embed_dim).astype(x_BxLxD.dtype)
 
   def decode(self, x_BxLxD: jax.Array) -> jax.Array:
+    w_VxD = self.input_embedding if self.config.tie_embeddings else self.lm_head
     # float32 logits even for bf16 activations: log-probs feed the policy gradient and KL.
-    return jnp.einsum('BLD,VD->BLV', x_BxLxD, self.input_embedding.astype(x_BxLxD.dtype),
+    return jnp.einsum('BLD,VD->BLV', x_BxLxD, w_VxD.astype(x_BxLxD.dtype),
                       preferred_element_type=jnp.float32)
 
 
@@ -190,16 +258,30 @@ class Attention(nn.Module):
       q_BxLxNxH = Einsum((N, D, H), (1,), name='q_einsum', **kw)('BLD,NDH->BLNH', x_BxLxD)
       k_BxLxKxH, v_BxLxKxH = Einsum((2, K, D, H), (2,), name='kv_einsum', **kw)(
           'BLD,CKDH->CBLKH', x_BxLxD)
-    if c.use_qk_norm:  # Gemma 3: before rotary, as in its reference.
-      q_BxLxNxH = RMSNorm(c.param_dtype, name='_query_norm')(q_BxLxNxH)
-      k_BxLxKxH = RMSNorm(c.param_dtype, name='_key_norm')(k_BxLxKxH)
+    if c.qkv_bias:  # Qwen2: same layouts as the projections' outputs.
+      zeros = nn.initializers.zeros_init()
+      if K == N:
+        b_3xNxH = self.param('qkv_bias', zeros, (3, N, H), c.param_dtype).astype(c.dtype)
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = (
+            q_BxLxNxH + b_3xNxH[0], k_BxLxKxH + b_3xNxH[1], v_BxLxKxH + b_3xNxH[2])
+      else:
+        b_NxH = self.param('q_bias', zeros, (N, H), c.param_dtype).astype(c.dtype)
+        b_2xKxH = self.param('kv_bias', zeros, (2, K, H), c.param_dtype).astype(c.dtype)
+        q_BxLxNxH = q_BxLxNxH + b_NxH
+        k_BxLxKxH, v_BxLxKxH = k_BxLxKxH + b_2xKxH[0], v_BxLxKxH + b_2xKxH[1]
+    if c.use_qk_norm:  # Gemma 3, Qwen3: before rotary, as in their references.
+      q_BxLxNxH = rms_norm(c, '_query_norm')(q_BxLxNxH)
+      k_BxLxKxH = rms_norm(c, '_key_norm')(k_BxLxKxH)
     local = self.attn_type == LOCAL
     rope_base = c.local_rope_base if local else c.rope_base
     rope_scale = 1.0 if local else c.rope_scale_factor
+    llama3 = None if local or c.rope_llama3_factor is None else (
+        c.rope_llama3_factor, c.rope_llama3_low_freq_factor, c.rope_llama3_high_freq_factor,
+        c.rope_llama3_original_max_len)
     query_scale = (c.query_pre_attn_scalar or H) ** -0.5
-    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, rope_base, rope_scale) * jnp.asarray(
-        query_scale, c.dtype)
-    k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, rope_base, rope_scale)
+    q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, rope_base, rope_scale,
+                           llama3) * jnp.asarray(query_scale, c.dtype)
+    k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, rope_base, rope_scale, llama3)
     k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
     v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
 
@@ -229,7 +311,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """Gated GELU (tanh approximation), Gemma's param names and layouts."""
+  """Gated MLP, act(x W_gate) * (x W_up) W_down: tanh-GELU (Gemma) or SiLU (Llama layout),
+  Gemma's param names and layouts."""
   config: ModelConfig
 
   @nn.compact
@@ -242,7 +325,7 @@ class FeedForward(nn.Module):
                        c.param_dtype).astype(c.dtype)
     # 2-D matmuls: XLA:CPU ran the same products on [B,L,D] operands 2x slower (fwd+bwd).
     x_TxD = x_BxLxD.reshape(-1, D)
-    gate_TxF = jax.nn.gelu(x_TxD @ w_2xDxF[0], approximate=True)
+    gate_TxF = _ACTIVATIONS[c.mlp_activation](x_TxD @ w_2xDxF[0])
     return ((gate_TxF * (x_TxD @ w_2xDxF[1])) @ w_FxD).reshape(x_BxLxD.shape)
 
 
@@ -254,16 +337,15 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, attn_mask_BxLxS, cache, cache_slot):
     c = self.config
-    pd = c.param_dtype
     attn_out, new_cache = Attention(c, self.attn_type, name='attn')(
-        RMSNorm(pd, name='pre_attention_norm')(x_BxLxD), positions_BxL, attn_mask_BxLxS,
+        rms_norm(c, 'pre_attention_norm')(x_BxLxD), positions_BxL, attn_mask_BxLxS,
         cache, cache_slot)
     if c.use_post_attn_norm:
-      attn_out = RMSNorm(pd, name='post_attention_norm')(attn_out)
+      attn_out = rms_norm(c, 'post_attention_norm')(attn_out)
     x_BxLxD = x_BxLxD + attn_out
-    ffw_out = FeedForward(c, name='mlp')(RMSNorm(pd, name='pre_ffw_norm')(x_BxLxD))
+    ffw_out = FeedForward(c, name='mlp')(rms_norm(c, 'pre_ffw_norm')(x_BxLxD))
     if c.use_post_ffw_norm:
-      ffw_out = RMSNorm(pd, name='post_ffw_norm')(ffw_out)
+      ffw_out = rms_norm(c, 'post_ffw_norm')(ffw_out)
     return x_BxLxD + ffw_out, new_cache
 
 
@@ -276,7 +358,7 @@ class Transformer(nn.Module):
     self.embedder = Embedder(c)
     self.layers = [block_cls(c, attn_type, name=f'layer_{i}')
                    for i, attn_type in enumerate(c.layer_types())]
-    self.final_norm = RMSNorm(c.param_dtype)
+    self.final_norm = rms_norm(c)
 
   def __call__(self, tokens_BxL, positions_BxL, attn_mask_BxLxS, cache=None, cache_slot=None,
                return_hidden=False):
@@ -310,5 +392,5 @@ class Transformer(nn.Module):
     return self.logits(hidden_BxLxD), new_cache
 
   def logits(self, hidden_BxLxD):
-    """Tied unembedding; float32 logits, soft-capped for Gemma 2."""
+    """Tied (or `lm_head`) unembedding; float32 logits, soft-capped for Gemma 2."""
     return soft_cap(self.embedder.decode(hidden_BxLxD), self.config.final_logit_soft_cap)

@@ -1,6 +1,6 @@
-"""Published Gemma text-model sizes as `ModelConfig` fields: `get('gemma2_9b')`.
+"""Published text-model sizes as `ModelConfig` fields: `get('gemma2_9b')`, `get('qwen3_1_7b')`.
 
-Sources, cross-checked field by field:
+Gemma sources, cross-checked field by field:
 - [ref] google-deepmind/gemma `gemma/transformer.py`, `TransformerConfig.gemma_2b()` ...
   `gemma3_27b()` (layers, widths, heads, head_dim, hidden_dim, windows, caps, query
   normalisation, rope bases and scale factors, attention patterns).
@@ -25,6 +25,23 @@ _GEMMA2 = dict(  # [ref] gemma2_*: alternating local/global, both caps, both pos
 _GEMMA3 = dict(  # [ref] gemma3_*: 5 local : 1 global, QK-norm, no caps, rope 1M / 10k
     local_global_pattern=6, use_qk_norm=True, use_post_attn_norm=True,
     use_post_ffw_norm=True, rope_base=1_000_000, local_rope_base=10_000)
+
+# Llama-layout families. Written from the Hub `config.json` values of each model as we
+# know them (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+# num_key_value_heads, head_dim, vocab_size, rope_theta, rope_scaling, rms_norm_eps,
+# tie_word_embeddings); they could not be downloaded here to compare. What pins them:
+# `tests/presets_test.py` checks each parameter count against the size published on the
+# model card (within 3%), and SmolLM2-135M against its GGUF file's metadata exactly.
+_LLAMA = dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False)
+_QWEN2 = dict(_LLAMA, qkv_bias=True, rope_base=1_000_000, norm_eps=1e-6, head_dim=64)
+_QWEN3 = dict(_LLAMA, use_qk_norm=True, rope_base=1_000_000, norm_eps=1e-6, head_dim=128,
+              vocab_size=151_936)
+# Llama 3.1 / 3.2: rope_scaling {rope_type: llama3, factor, low_freq_factor 1,
+# high_freq_factor 4, original_max_position_embeddings 8192}.
+_LLAMA3 = dict(_LLAMA, vocab_size=128_256, rope_base=500_000, norm_eps=1e-5,
+               rope_llama3_low_freq_factor=1.0, rope_llama3_high_freq_factor=4.0,
+               rope_llama3_original_max_len=8192)
+_SMOLLM2 = dict(_LLAMA, vocab_size=49_152, norm_eps=1e-5, head_dim=64)
 
 _PRESETS = {
     # [ref] gemma_2b / [hf] google/gemma-2b: multi-query (1 kv head).
@@ -58,6 +75,38 @@ _PRESETS = {
     'gemma3_27b': dict(_GEMMA3, vocab_size=262_208, embed_dim=5376, hidden_dim=5376 * 8 // 2,
                        num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128,
                        sliding_window_size=1024, rope_scale_factor=8.0, query_pre_attn_scalar=168),
+    # Qwen/Qwen2.5-*: q/k/v biases, rope 1M; the 7B unties its head and pads the vocab.
+    'qwen2_5_0_5b': dict(_QWEN2, vocab_size=151_936, embed_dim=896, hidden_dim=4864,
+                         num_layers=24, num_heads=14, num_kv_heads=2),
+    'qwen2_5_1_5b': dict(_QWEN2, vocab_size=151_936, embed_dim=1536, hidden_dim=8960,
+                         num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128),
+    'qwen2_5_7b': dict(_QWEN2, vocab_size=152_064, embed_dim=3584, hidden_dim=18_944,
+                       num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+                       tie_embeddings=False),
+    # Qwen/Qwen3-*: QK-norm, head_dim 128 whatever the width, no biases.
+    'qwen3_0_6b': dict(_QWEN3, embed_dim=1024, hidden_dim=3072, num_layers=28, num_heads=16,
+                       num_kv_heads=8),
+    'qwen3_1_7b': dict(_QWEN3, embed_dim=2048, hidden_dim=6144, num_layers=28, num_heads=16,
+                       num_kv_heads=8),
+    'qwen3_4b': dict(_QWEN3, embed_dim=2560, hidden_dim=9728, num_layers=36, num_heads=32,
+                     num_kv_heads=8),
+    'qwen3_8b': dict(_QWEN3, embed_dim=4096, hidden_dim=12_288, num_layers=36, num_heads=32,
+                     num_kv_heads=8, tie_embeddings=False),
+    # meta-llama/Llama-3.2-1B, -3B (tied, llama3 factor 32) and Llama-3.1-8B (untied, 8).
+    'llama3_2_1b': dict(_LLAMA3, embed_dim=2048, hidden_dim=8192, num_layers=16, num_heads=32,
+                        num_kv_heads=8, head_dim=64, rope_llama3_factor=32.0),
+    'llama3_2_3b': dict(_LLAMA3, embed_dim=3072, hidden_dim=8192, num_layers=28, num_heads=24,
+                        num_kv_heads=8, head_dim=128, rope_llama3_factor=32.0),
+    'llama3_1_8b': dict(_LLAMA3, embed_dim=4096, hidden_dim=14_336, num_layers=32,
+                        num_heads=32, num_kv_heads=8, head_dim=128, rope_llama3_factor=8.0,
+                        tie_embeddings=False),
+    # HuggingFaceTB/SmolLM2-*: the Llama layout, tied; the 1.7B is multi-head (fused qkv).
+    'smollm2_135m': dict(_SMOLLM2, embed_dim=576, hidden_dim=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, rope_base=100_000),
+    'smollm2_360m': dict(_SMOLLM2, embed_dim=960, hidden_dim=2560, num_layers=32, num_heads=15,
+                         num_kv_heads=5, rope_base=100_000),
+    'smollm2_1_7b': dict(_SMOLLM2, embed_dim=2048, hidden_dim=8192, num_layers=24,
+                         num_heads=32, num_kv_heads=32, rope_base=130_000),
 }
 
 NAMES = tuple(_PRESETS)
@@ -66,5 +115,5 @@ NAMES = tuple(_PRESETS)
 def get(name: str) -> dict:
   """ModelConfig fields of a published size (a fresh dict: callers may override dtype etc.)."""
   if name not in _PRESETS:
-    raise ValueError(f'unknown Gemma preset {name!r}; choose one of {NAMES}')
+    raise ValueError(f'unknown model preset {name!r}; choose one of {NAMES}')
   return dict(_PRESETS[name])

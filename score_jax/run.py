@@ -29,9 +29,9 @@ from score_jax import train
 from score_jax.model import ModelConfig
 from score_jax.tasks import formats
 from score_jax.tasks import get_task
-from score_jax.tokenizer import Tokenizer
+from score_jax.tokenizer import Tokenizer, load_tokenizer
 
-INIT_SOURCES = ("random", "checkpoint", "hf", "gemma")
+INIT_SOURCES = ("random", "checkpoint", "hf", "gguf", "gemma")
 
 
 class Run:
@@ -44,8 +44,13 @@ class Run:
     self.turns = recipes.run_turns(config)
     self.fingerprints = recipes.fingerprints(config, self.phases)
     self.task = get_task(config.task)
-    self.fmt = formats.get_prompt_format(config.prompt_format)
-    self.tok = load_or_train_tokenizer(self)
+    if config.prompt_format == "chat_template":  # The model's own template decides the format.
+      from score_jax import chat_template
+      self.tok = load_tokenizer(config.tokenizer.path)
+      self.fmt = chat_template.prompt_format(self.tok)
+    else:
+      self.fmt = formats.get_prompt_format(config.prompt_format)
+      self.tok = load_or_train_tokenizer(self)
     if self.tok.vocab_size > config.model.vocab_size:
       raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
                        f"tokenizer's {self.tok.vocab_size} pieces")
@@ -137,8 +142,8 @@ def load_or_train_tokenizer(run: Run) -> Tokenizer:
   """The tokenizer at `config.tokenizer.path` (a model's own), else one trained here on the
   task's text into the workdir (kept, so a resumed run reuses it)."""
   config, task, fmt = run.config, run.task, run.fmt
-  if config.tokenizer.path:
-    return Tokenizer.load(config.tokenizer.path)
+  if config.tokenizer.path:  # SentencePiece, tokenizer.json or a GGUF file's metadata.
+    return load_tokenizer(config.tokenizer.path)
   path = os.path.join(run.workdir, "tokenizer.model")
   if os.path.exists(path):
     return Tokenizer.load(path)
@@ -178,6 +183,11 @@ def _import(run: Run):
       check_model_matches(s.model.config, hf.load_config(i.checkpoint), i.checkpoint)
     return hf.load_safetensors(i.checkpoint, s.model.config, shardings=s.param_sh,
                                abstract=s.abstract_params)
+  if i.source == "gguf":  # A llama.cpp file, dequantized.
+    from score_jax.weights import gguf
+    check_model_matches(s.model.config, gguf.model_config_from_gguf(i.checkpoint), i.checkpoint)
+    return gguf.load_gguf(i.checkpoint, s.model.config, shardings=s.param_sh,
+                          abstract=s.abstract_params)
   if i.source == "gemma":
     from score_jax.weights import gemma
     # Released checkpoints pad the embedding to 256,128 rows; the tokenizer has 256,000.

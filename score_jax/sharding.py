@@ -15,11 +15,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-# FSDP for the Gemma tree: each weight split along the model width D over the `data` axis,
+# FSDP for our tree (every family): each weight split along the model width D over the `data` axis,
 # the same axis the batch is split on; XLA all-gathers a weight where it is used. Norm
 # scales are small and replicated.
 FSDP_RULES = (
     (r".*embedder/input_embedding", (None, DATA_AXIS)),          # [V, D]
+    (r".*embedder/lm_head", (None, DATA_AXIS)),                  # [V, D] (untied heads)
     (r".*attn/q_einsum/w", (None, DATA_AXIS, None)),             # [N, D, H]
     (r".*attn/kv_einsum/w", (None, None, DATA_AXIS, None)),      # [2, K, D, H]
     (r".*attn/qkv_einsum/w", (None, None, DATA_AXIS, None)),     # [3, N, D, H]

@@ -228,6 +228,22 @@ def test_registry_errors_and_overrides():
              for p in never.train_problems(rng, 300))
 
 
+@pytest.mark.parametrize('response,expected', [
+    ('37 + 67 = 104', 1.0), ('The sum of 37 and 67 is 37+67 = 104.', 1.0),
+    ('\n104\n\nThis is a classic problem: 3 steps.', 1.0), ('37 + 67 = 104.5', 0.0),
+    ('37 + 67 = 140\nNo, 104.', 0.0),
+    ('37 + 67 = 140, or 104 in base 8? No: 140.', 0.0), ('It is x104.', 0.0),
+    ('The answer is -104.', 0.0), ('no number', 0.0)])
+def test_first_line_reward_for_chat_models(response, expected):
+  task = _task(num_digits=2, answer_format='first_line',
+               prompt_template='What is {problem}? Answer with the number.')
+  problem = task.make_problem(37, 67)
+  assert task.prompt(problem) == 'What is 37+67? Answer with the number.'
+  assert task.reward(response, problem) == expected
+  with pytest.raises(ValueError, match='answer_format'):
+    _task(answer_format='first_word')
+
+
 def test_base_task_without_a_student_raises():
   class Bare(ar.ArithmeticTask):
     name = 'bare'

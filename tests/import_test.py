@@ -27,32 +27,13 @@ V, D, F, H, LAYERS = 64, 32, 48, 8, 2
 
 
 def write_safetensors(tensors: dict, file: str):
-  """safetensors' own writer where installed; else the format by hand (8-byte length,
-  JSON table, little-endian data) -- `test_hand_writer_matches_safetensors` pins them."""
+  """safetensors' own writer where installed, else ours (`test_our_writer_matches_safetensors`
+  pins it)."""
   try:
     from safetensors.numpy import save_file
   except ImportError:
-    save_file = _hand_write
+    save_file = import_hf.write_safetensors
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, file)
-
-
-_NAMES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16',
-          np.dtype(np.float16): 'F16'}
-
-
-def _hand_write(tensors, file):
-  header, offset = {}, 0
-  for name in sorted(tensors):
-    x = tensors[name]
-    header[name] = dict(dtype=_NAMES[x.dtype], shape=list(x.shape),
-                        data_offsets=[offset, offset + x.nbytes])
-    offset += x.nbytes
-  raw = json.dumps(header, separators=(',', ':')).encode()
-  raw += b' ' * (-len(raw) % 8)
-  with open(file, 'wb') as f:
-    f.write(len(raw).to_bytes(8, 'little') + raw)
-    for name in sorted(tensors):
-      f.write(tensors[name].tobytes())
 
 
 def write_checkpoint(tensors: dict, directory: str, num_files: int = 1, config=None):
@@ -268,9 +249,13 @@ def test_model_config_from_hf_reads_both_config_generations():
 
 
 @pytest.mark.parametrize('change,match', [
-    (dict(model_type='llama'), 'llama'), (dict(hidden_act='relu'), 'relu'),
-    (dict(tie_word_embeddings=False), 'tie_word_embeddings'),
-    (dict(rope_scaling=dict(rope_type='yarn', factor=4.0)), 'yarn')])
+    (dict(model_type='gpt2'), 'gpt2'), (dict(hidden_act='relu'), 'relu'),
+    (dict(use_bidirectional_attention=True), 'use_bidirectional_attention'),
+    (dict(rope_scaling=dict(rope_type='yarn', factor=4.0)), 'yarn'),
+    # The Llama layout: an o_proj bias, Qwen's sliding layers, GELU.
+    (dict(model_type='llama', hidden_act='silu', attention_bias=True), 'attention_bias'),
+    (dict(model_type='qwen2', hidden_act='silu', use_sliding_window=True), 'use_sliding_window'),
+    (dict(model_type='llama'), "hidden_act 'gelu'")])
 def test_model_config_from_hf_refuses_what_the_model_cannot_do(change, match):
   with pytest.raises(import_hf.CheckpointImportError, match=match):
     import_hf.model_config_from_hf(dict(GEMMA_2B, **change))
@@ -366,16 +351,19 @@ def test_corrupt_headers_are_named(tmp_path):
     import_hf.load_safetensors(ckpt, config)
 
 
-def test_hand_writer_matches_safetensors(tmp_path):
+def test_our_writer_matches_safetensors(tmp_path):
   import safetensors.numpy as st
   tensors = {'b': np.arange(6, dtype=np.float32).reshape(2, 3),
-             'a': np.ones((3,), ml_dtypes.bfloat16)}
-  _hand_write(tensors, str(tmp_path / 'hand.safetensors'))
-  back = st.load_file(str(tmp_path / 'hand.safetensors'))
+             'a': np.ones((3,), ml_dtypes.bfloat16), 'c': np.full((2, 2), 0.5, np.float16)}
+  file = str(tmp_path / 'ours.safetensors')
+  import_hf.write_safetensors(tensors, file)
+  back = st.load_file(file)
   for k, v in tensors.items():
+    assert back[k].dtype == v.dtype
     np.testing.assert_array_equal(back[k], v)
-  table = import_hf.read_header(str(tmp_path / 'hand.safetensors'))
+  table = import_hf.read_header(file)
   assert table['a'].dtype == ml_dtypes.bfloat16 and table['b'].shape == (2, 3)
+  np.testing.assert_array_equal(import_hf.read_tensor(table['c']), tensors['c'])
 
 
 # -- official Gemma Orbax checkpoints -------------------------------------------------------

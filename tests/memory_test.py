@@ -46,6 +46,8 @@ def test_hand_computed_tiny_case():
     dict(num_heads=2, num_kv_heads=2),  # fused qkv
     dict(num_heads=4, num_kv_heads=2, use_post_attn_norm=True, use_post_ffw_norm=True,
          use_qk_norm=True),
+    dict(num_heads=4, num_kv_heads=2, qkv_bias=True, tie_embeddings=False),  # Qwen2.5 7B
+    dict(num_heads=2, num_kv_heads=2, qkv_bias=True),  # fused q/k/v biases
 ])
 def test_sizes_match_the_real_arrays(kw):
   c = model_lib.ModelConfig(vocab_size=50, embed_dim=16, hidden_dim=24, num_layers=3,

@@ -78,9 +78,10 @@ def test_param_tree_matches_gemma(num_kv_heads):
   assert shapes == expected
 
 
-@pytest.mark.parametrize('num_kv_heads', [1, 2, 4])
-def test_padding_invariance(num_kv_heads):
-  model, params = init(tiny_config(num_kv_heads=num_kv_heads))
+@pytest.mark.parametrize('num_kv_heads,llama', [(1, False), (2, False), (4, False), (2, True),
+                                               (4, True)])
+def test_padding_invariance(num_kv_heads, llama):
+  model, params = init(tiny_config(num_kv_heads=num_kv_heads, **(LLAMA_KW if llama else {})))
   seq = [2, 7, 11, 5, 30, 9]
   # Row 0: no padding. Row 1: left padding and interior pads (odd token ids, invalid).
   layout = [0, 0, 0, 1, 1, 0, 1, 1, 1, 0, 1]
@@ -186,6 +187,14 @@ GEMMA3_KW = dict(local_global_pattern=3, sliding_window_size=3, use_qk_norm=True
                  use_post_attn_norm=True, use_post_ffw_norm=True, rope_base=1_000_000,
                  local_rope_base=10_000, rope_scale_factor=8.0)
 
+# The Llama-layout switches together (Qwen3-like with Qwen2's biases, an untied head,
+# llama3 scaling and Mistral's window on every layer): parity per family is in
+# llama_parity_test; here remat, bf16 and the padding layout.
+LLAMA_KW = dict(mlp_activation='silu', norm_plus_one=False, scale_embeddings=False,
+                norm_eps=1e-5, tie_embeddings=False, qkv_bias=True, use_qk_norm=True,
+                all_layers_local=True, sliding_window_size=3, rope_base=500_000,
+                rope_llama3_factor=8.0, rope_llama3_original_max_len=64)
+
 
 @pytest.mark.parametrize('num_kv_heads', [1, 2, 4])
 def test_matches_numpy_reference(num_kv_heads):
@@ -280,12 +289,13 @@ def test_presets_build_valid_configs():
   g = model_lib.ModelConfig(**presets.get('gemma3_27b'))
   assert g.layer_types()[:6] == ('local',) * 5 + ('global',)
   assert g.query_pre_attn_scalar == g.embed_dim // g.num_heads  # 168, not head_dim
-  with pytest.raises(ValueError, match="unknown Gemma preset 'gemma4'"):
+  with pytest.raises(ValueError, match="unknown model preset 'gemma4'"):
     presets.get('gemma4')
 
 
 @pytest.mark.parametrize('kw', [{}, dict(GEMMA3_KW, attn_logits_soft_cap=1.5,
-                                         final_logit_soft_cap=2.0)], ids=['gemma1', 'all'])
+                                         final_logit_soft_cap=2.0), LLAMA_KW],
+                         ids=['gemma1', 'all', 'llama_layout'])
 def test_remat_and_bfloat16(kw):
   """Every switch on: remat is exact, and bf16 activations (QK-norm, caps, windows
   included) stay close to float32."""

@@ -89,3 +89,45 @@ def test_chat_markers_are_single_pieces_and_missing_pieces_are_named(tmp_path):
   plain = Tokenizer.train(texts, 40, tmp_path / 'plain.model')
   with pytest.raises(ValueError, match='no piece .<end_of_turn>.'):
     formats.stop_ids(plain, fmt)
+
+
+def _hf_dir(path, config):
+  """A small byte-level BPE trained here, saved as tokenizer.json + tokenizer_config.json."""
+  import json
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tk = tokenizers.Tokenizer(models.BPE())
+  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.decoder = decoders.ByteLevel()
+  tk.train_from_iterator(_corpus(400), trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<eos>', '<bos>', '<pad>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  os.makedirs(path)
+  tk.save(str(path / 'tokenizer.json'))
+  with open(path / 'tokenizer_config.json', 'w') as f:
+    json.dump(config, f)
+  return path
+
+
+def test_load_tokenizer_picks_by_file(tmp_path, tok):
+  from score_jax.tokenizer import HFTokenizer, MissingPieceError, load_tokenizer
+  sp_dir = tmp_path / 'sp'
+  Tokenizer.train(_corpus(), 64, sp_dir / 'tokenizer.model')
+  assert isinstance(load_tokenizer(sp_dir), Tokenizer)
+  assert isinstance(load_tokenizer(sp_dir / 'tokenizer.model'), Tokenizer)
+  hf_dir = _hf_dir(tmp_path / 'hf', dict(eos_token='<eos>', bos_token='<bos>',
+                                         add_bos_token=False))
+  for path in (hf_dir, hf_dir / 'tokenizer.json'):
+    hf = load_tokenizer(path)
+    assert isinstance(hf, HFTokenizer)
+  # No pad token named: EOS fills invalid slots; add_bos_token false: no BOS.
+  assert (hf.eos_id, hf.pad_id, hf.bos_id) == (0, 0, None) and hf.vocab_size == 300
+  text = ar.correct_response(947, 586)
+  ids = hf.encode(text + '<eos>' + 'Add')  # special-token strings become their ids
+  assert hf.eos_id in ids and hf.decode(ids) == text
+  with pytest.raises(MissingPieceError, match="'<end_of_turn>'"):
+    hf.piece_id('<end_of_turn>')
+  assert load_tokenizer(_hf_dir(tmp_path / 'bos', dict(
+      eos_token='<eos>', bos_token='<bos>', add_bos_token=True))).bos_id == 1
+  with pytest.raises(FileNotFoundError, match='no tokenizer.json or tokenizer.model'):
+    load_tokenizer(tmp_path)

@@ -38,6 +38,11 @@ so P(>= 2 carries) = 422,775 / 810,000 = 1879/3600 = 0.52194. A slip is always w
 The held-out split is a hash-selected ~10% of pairs, so its rates match to within ~0.5%.
 A model that always reads its own check would score 1.0.
 
+A pretrained chat model writes its own format (`37 + 67 = 104`, then often a blank line
+and chatter with other numbers in it), so `answer_format='first_line'` rewards the last
+integer of the response's first non-empty line instead of a leading `Answer N`, and
+`prompt_template` words the question for it (configs/smollm2.py).
+
 The CPU demo (configs/demo.py; values and why in score_jax/config_defaults.py) uses
 num_digits=2 and slip_prob=0.9. 2,385 of the 8,100 pairs have two carries (53/180), so
 sampling the student gives Acc = 1 - 0.9 * 53/180 = 73.5% and greedy decoding of a
@@ -59,6 +64,7 @@ CORRECTION_INSTRUCTION = (
     'There might be an error in the answer above. Check it and correct it if needed.')
 
 _ANSWER_RE = re.compile(r'\s*Answer (\d+)(?!\w)')
+_INTEGER_RE = re.compile(r'(?<![\w.])-?\d+(?![\w.]\d)')  # not inside 1.5, x2 or 1e3
 _EVAL_SEED = 20240917  # Fixed: the held-out list must not depend on the run's seed.
 _MAX_ENUMERATED = 4_000_000  # Above this, held-out tuples are sampled, not enumerated.
 
@@ -71,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
       slip_prob=0.7,        # P(student claims the carry-free sum) on hard problems.
       slip_min_carries=2,   # A problem is hard when it has at least this many carries.
       eval_fraction=0.1,    # Share of operand tuples held out for evaluation.
+      prompt_template='Add {problem}.',  # {problem}: the operands joined by '+'
+      # 'answer_first': the integer right after a leading `Answer ` (the student's form);
+      # 'first_line': the last integer of the first non-empty line (pretrained chat models).
+      answer_format='answer_first',
   ))
 
 
@@ -129,6 +139,17 @@ def parse_answer(response_text: str) -> int | None:
   return int(m.group(1)) if m else None
 
 
+def parse_first_line(response_text: str) -> int | None:
+  """The last integer of the first non-empty line (`37 + 67 = 104.\n\nThis is a classic
+  problem, 3 steps...` -> 104), else None."""
+  line = next((l for l in response_text.splitlines() if l.strip()), '')
+  found = _INTEGER_RE.findall(line)
+  return int(found[-1]) if found else None
+
+
+_PARSERS = {'answer_first': parse_answer, 'first_line': parse_first_line}
+
+
 # ---------------------------------------------------------------------------------------
 # Held-out split.
 
@@ -173,6 +194,11 @@ class ArithmeticTask(Task):
       raise ValueError(f'eval_fraction must be in (0, 0.5], got {cfg.eval_fraction}')
     if not 0.0 <= cfg.slip_prob <= 1.0:
       raise ValueError(f'slip_prob must be in [0, 1], got {cfg.slip_prob}')
+    if cfg.answer_format not in _PARSERS:
+      raise ValueError(f'answer_format must be one of {sorted(_PARSERS)}, got '
+                       f'{cfg.answer_format!r}')
+    if '{problem}' not in cfg.prompt_template:
+      raise ValueError(f'prompt_template must contain {{problem}}: {cfg.prompt_template!r}')
     self.config = cfg
     self.low, self.high = 10**(cfg.num_digits - 1), 10**cfg.num_digits  # [low, high)
     self.eval_modulus = round(1 / cfg.eval_fraction)
@@ -236,10 +262,10 @@ class ArithmeticTask(Task):
   # -- text and reward ----------------------------------------------------------------------
 
   def prompt(self, problem: Problem) -> str:
-    return f'Add {problem.prompt}.'
+    return self.config.prompt_template.format(problem=problem.prompt)
 
   def reward(self, response_text: str, problem: Problem) -> float:
-    claimed = parse_answer(response_text)
+    claimed = _PARSERS[self.config.answer_format](response_text)
     return float(claimed is not None and claimed == int(problem.answer))
 
   def answer_key(self, response_text: str) -> str | None:
