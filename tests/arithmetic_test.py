@@ -251,3 +251,21 @@ def test_base_task_without_a_student_raises():
 
   with pytest.raises(NotImplementedError, match='bare'):
     Bare().base_transcripts(np.random.default_rng(0), 1)
+
+
+def test_consistent_slips_write_the_carry_free_work():
+  """slip_check='consistent': the slipped answer's check drops the carries too, so the right
+  sum is written nowhere; right answers keep the right check."""
+  assert ar.check_text(37, 67, carries=False) == '7+7=14, 3+6=9 so 94'
+  assert ar.check_text(347, 586, carries=False) == '7+6=13, 4+8=12, 3+5=8 so 823'
+  task = _task(num_digits=2, slip_prob=1.0, slip_check='consistent')
+  rng = np.random.default_rng(0)
+  slipped = task.student(task.make_problem(37, 67), rng)
+  assert slipped == 'Answer 94. Check 7+7=14, 3+6=9 so 94.'
+  assert '104' not in slipped and task.reward(slipped, task.make_problem(37, 67)) == 0.0
+  easy = task.student(task.make_problem(12, 34), rng)  # no carry: never a slip
+  assert easy == 'Answer 46. Check 2+4=6, 1+3=4 so 46.'
+  default = _task(num_digits=2, slip_prob=1.0)  # slip_check='right': the total shows 104
+  assert default.student(task.make_problem(37, 67), rng) == 'Answer 94. Check 7+7=14, 3+6+1=10 so 104.'
+  with pytest.raises(ValueError, match='slip_check'):
+    _task(slip_check='sometimes')

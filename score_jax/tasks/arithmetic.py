@@ -76,6 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
       num_operands=2,       # Numbers added.
       slip_prob=0.7,        # P(student claims the carry-free sum) on hard problems.
       slip_min_carries=2,   # A problem is hard when it has at least this many carries.
+      # 'right': a slipped answer comes with a right check, whose total shows the right sum
+      # (correcting = reading it); 'consistent': the check drops the carries too, so it agrees
+      # with the slip and the right sum is written nowhere (correcting = recomputing).
+      slip_check='right',
       eval_fraction=0.1,    # Share of operand tuples held out for evaluation.
       prompt_template='Add {problem}.',  # {problem}: the operands joined by '+'
       # 'answer_first': the integer right after a leading `Answer ` (the student's form);
@@ -109,16 +113,19 @@ def carry_free_sum(*xs: int) -> int:
   return sum(sum(d) % 10 * 10**i for i, (d, _) in enumerate(_columns(*xs)))
 
 
-def check_text(*xs: int) -> str:
-  """The written column work, always correct: `7+6=13, 4+8+1=13, 3+5+1=9 so 933`
-  (with three operands a carry can be 2: `7+5+9=21, 3+2+4+2=11 so 111`)."""
-  steps = [f'{"+".join(map(str, d))}{f"+{c}" if c else ""}={sum(d) + c}'
-           for d, c in _columns(*xs)]
-  return f'{", ".join(steps)} so {sum(xs)}'
+def check_text(*xs: int, carries: bool = True) -> str:
+  """The written column work: `7+6=13, 4+8+1=13, 3+5+1=9 so 933` (with three operands a
+  carry can be 2: `7+5+9=21, 3+2+4+2=11 so 111`); without `carries`, the slip written
+  out: every carry dropped, `7+6=13, 4+8=12, 3+5=8 so 823` (= carry_free_sum)."""
+  cols = _columns(*xs)
+  steps = [f'{"+".join(map(str, d))}{f"+{c}" if c and carries else ""}={sum(d) + c * carries}'
+           for d, c in cols]
+  total = sum(xs) if carries else carry_free_sum(*xs)
+  return f'{", ".join(steps)} so {total}'
 
 
-def format_response(xs, claimed: int) -> str:
-  return f'Answer {claimed}. Check {check_text(*xs)}.'
+def format_response(xs, claimed: int, carries: bool = True) -> str:
+  return f'Answer {claimed}. Check {check_text(*xs, carries=carries)}.'
 
 
 def correct_response(*xs: int) -> str:
@@ -127,10 +134,14 @@ def correct_response(*xs: int) -> str:
 
 
 def student_response(xs, rng: np.random.Generator, slip_prob: float = 0.7,
-                     slip_min_carries: int = 2) -> str:
-  """One attempt of the simulated student: right work, sometimes a slipped answer."""
+                     slip_min_carries: int = 2, slip_check: str = 'right') -> str:
+  """One attempt of the simulated student: right work, sometimes a slipped answer, whose
+  check is right (`slip_check='right'`) or drops the carries as the answer did
+  ('consistent')."""
   slip = count_carries(*xs) >= slip_min_carries and rng.random() < slip_prob
-  return format_response(xs, carry_free_sum(*xs) if slip else sum(xs))
+  if not slip:
+    return format_response(xs, sum(xs))
+  return format_response(xs, carry_free_sum(*xs), carries=slip_check == 'right')
 
 
 def parse_answer(response_text: str) -> int | None:
@@ -194,6 +205,8 @@ class ArithmeticTask(Task):
       raise ValueError(f'eval_fraction must be in (0, 0.5], got {cfg.eval_fraction}')
     if not 0.0 <= cfg.slip_prob <= 1.0:
       raise ValueError(f'slip_prob must be in [0, 1], got {cfg.slip_prob}')
+    if cfg.slip_check not in ('right', 'consistent'):
+      raise ValueError(f"slip_check must be 'right' or 'consistent', got {cfg.slip_check!r}")
     if cfg.answer_format not in _PARSERS:
       raise ValueError(f'answer_format must be one of {sorted(_PARSERS)}, got '
                        f'{cfg.answer_format!r}')
@@ -274,7 +287,7 @@ class ArithmeticTask(Task):
 
   def student(self, problem: Problem, rng: np.random.Generator) -> str:
     return student_response(problem.meta['operands'], rng, self.config.slip_prob,
-                            self.config.slip_min_carries)
+                            self.config.slip_min_carries, self.config.slip_check)
 
   def corpus(self, rng: np.random.Generator, n: int) -> Iterator[str]:
     """Prompts, student and correct responses, and the instruction, in rotation."""
