@@ -224,7 +224,7 @@ class Trainer:
     ref_sh = None if ref_params is None else self.param_sh
     jitted = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, self.batch_sh),
                      out_shardings=(state_sh, self.repl_sh), donate_argnums=0)
-    writer = writers.MetricWriter(self.workdir, name, steps, cfg.log_every)
+    writer = writers.MetricWriter(self.workdir, name, steps, cfg.log_every, resume_step=start)
     try:
       for step in range(start, steps):
         t0 = time.time()

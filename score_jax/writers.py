@@ -52,13 +52,13 @@ def drop_rows_after(path: str, phase: str, step: int) -> int:
 class MetricWriter:
   """Writes one phase's per-step scalars to <workdir>/metrics.jsonl and <workdir>/tb/<phase>.
 
-  `resume_step`: the step the phase (re)starts after (its checkpoint's; 0 for a fresh
-  start), see the module docstring. `is_writer`: whether this process writes at all;
+  `resume_step` (required, so no caller forgets it): the step the phase (re)starts after,
+  its checkpoint's, 0 for a fresh start; see the module docstring. `is_writer`: whether this process writes at all;
   default `jax.process_index() == 0`.
   """
 
-  def __init__(self, workdir: str, phase: str, total_steps: int, log_every: int = 10,
-               resume_step: int = 0, is_writer: Optional[bool] = None):
+  def __init__(self, workdir: str, phase: str, total_steps: int, log_every: int = 10, *,
+               resume_step: int, is_writer: Optional[bool] = None):
     self.phase, self.total, self.log_every = phase, total_steps, max(log_every, 1)
     self.is_writer = jax.process_index() == 0 if is_writer is None else is_writer
     self._t0, self._first_step = None, None

@@ -110,6 +110,6 @@ def test_relative_workdir_is_local_and_urls_are_not_mangled(monkeypatch, tmp_pat
   import tensorboardX
   monkeypatch.setattr(tensorboardX, 'SummaryWriter', FakeSummaryWriter)
   monkeypatch.setattr(writers.epath, 'Path', FakePath)
-  writers.MetricWriter('gs://bucket/runs/math', 'stage1', 10, is_writer=True)
+  writers.MetricWriter('gs://bucket/runs/math', 'stage1', 10, resume_step=0, is_writer=True)
   assert opened == ['gs://bucket/runs/math', 'gs://bucket/runs/math/metrics.jsonl',
                     'gs://bucket/runs/math/tb/stage1']
