@@ -14,8 +14,9 @@ Two rule sets for the Gemma tree (`config.sharding_rules`):
                  weight's two large dimensions are cut both ways. The batch stays split
                  over `data` only (`batch_sharding`); XLA places the activations.
 """
+import functools
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -139,6 +140,17 @@ def follow_params(mesh: Mesh, abstract_tree, abstract_params, params_shardings) 
         return sharding
     return replicated
   return jax.tree.map(pick, tree_paths(abstract_tree), abstract_tree)
+
+
+def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn` (a jitted function) called with `mesh` set (`jax.set_mesh`), so that the model's
+  activation layout hints (`model.constrain`) apply when it is traced. Without them XLA
+  may compute the whole batch on every device (see `model.constrain`)."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

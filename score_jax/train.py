@@ -165,9 +165,9 @@ class Trainer:
     def two_turn(params, *args):
       return rollout.two_turn(self.model, {"params": params}, *args, max_len_1=r.max_len_1,
                               max_len_2=r.max_len_2, eos_id=tok.eos_id, stop_ids=self.stop_ids)
-    self._rollout = jax.jit(two_turn,
+    self._rollout = sharding.under_mesh(self.mesh, jax.jit(two_turn,
         in_shardings=(self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh,
-                      self.repl_sh))
+                      self.repl_sh)))
 
     def one_turn(params, context_BxC, context_valid_BxC, rng, sample_params):
       p = {"params": params}
@@ -175,8 +175,8 @@ class Trainer:
                              cache_size=context_BxC.shape[1] + r.max_len_2)
       return sampling.decode(self.model, p, state, rng, sample_params, r.max_len_2,
                              tok.eos_id, self.stop_ids)[1]
-    self._one_turn = jax.jit(one_turn, in_shardings=(
-        self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh))
+    self._one_turn = sharding.under_mesh(self.mesh, jax.jit(one_turn, in_shardings=(
+        self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh)))
 
   def _init_params(self, rng):
     tokens = jnp.zeros((1, 8), jnp.int32)
@@ -222,8 +222,9 @@ class Trainer:
       return params
     state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), self.repl_sh), params, opt_state)
     ref_sh = None if ref_params is None else self.param_sh
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, self.batch_sh),
-                     out_shardings=(state_sh, self.repl_sh), donate_argnums=0)
+    jitted = sharding.under_mesh(self.mesh, jax.jit(
+        step_fn, in_shardings=(state_sh, ref_sh, self.batch_sh),
+        out_shardings=(state_sh, self.repl_sh), donate_argnums=0))
     writer = writers.MetricWriter(self.workdir, name, steps, cfg.log_every, resume_step=start)
     try:
       for step in range(start, steps):

@@ -1,7 +1,8 @@
 """Tensor parallelism: the sampler and the SCoRe loss agree on meshes 1, 8x1, 4x2 and 2x4.
 
 Params are placed by `sharding.FSDP_TP_RULES` (FSDP over `data`, heads / MLP hidden /
-vocabulary over `model`), the batch split over `data`. Greedy tokens must be identical;
+vocabulary over `model`), the batch split over `data`, the model's activation layout
+hints on (`sharding.under_mesh`). Greedy tokens must be identical;
 log-probs, loss, metrics and gradient within 1e-5 (absolute or relative: float32 sums
 in another order). The checks run in a child process with 8 CPU devices (mesh_helpers).
 """
@@ -100,11 +101,13 @@ def _child():
     p, param_sh = mesh_helpers.place(mesh, params, rules)
     r, _ = mesh_helpers.place(mesh, ref, rules)
     batch_sh = sharding.batch_sharding(mesh)
-    sample = jax.jit(functools.partial(greedy_tokens, model),
-                     in_shardings=(param_sh, batch_sh, batch_sh))(p, prompt, prompt_valid)
-    loss = jax.jit(functools.partial(loss_and_grads, model, loss_cfg, 8),
-                   in_shardings=(param_sh, param_sh, batch_sh),
-                   out_shardings=(None, None, param_sh))(p, r, batch)
+    sample = sharding.under_mesh(mesh, jax.jit(
+        functools.partial(greedy_tokens, model),
+        in_shardings=(param_sh, batch_sh, batch_sh)))(p, prompt, prompt_valid)
+    loss = sharding.under_mesh(mesh, jax.jit(
+        functools.partial(loss_and_grads, model, loss_cfg, 8),
+        in_shardings=(param_sh, param_sh, batch_sh),
+        out_shardings=(None, None, param_sh)))(p, r, batch)
     results[shape] = jax.device_get((sample, loss))
     digests = checkpoints.array_digests(p)[0]
     results[shape] += (digests,)
