@@ -226,5 +226,29 @@ def test_cli_reads_optional_numeric_fields():
   assert 'policy params' in local and local.splitlines()[1:] == plain.splitlines()[1:]
 
 
+def test_slice_config_states_the_estimators_figures():
+  """configs/math_9b_v5e32.py: its docstring's command and figures are the estimator's."""
+  import importlib.util
+  import os
+  import re
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'math_9b_v5e32.py')
+  spec = importlib.util.spec_from_file_location('math_9b_v5e32', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  from score_jax import sharding
+  assert tuple(config.mesh.axes) == ('data', 'model') and tuple(config.mesh.shape) == (-1, 2)
+  assert [tuple(r) for r in config.sharding_rules] == list(sharding.FSDP_TP_RULES)
+  assert config.model.embed_dim == 3584 and config.task.name == 'math'
+  doc = module.__doc__
+  command = re.search(r'python -m score_jax\.memory (.*?)\n\s*live', doc, re.S).group(1)
+  table = memory.main(command.replace('\\', ' ').split())
+  for name in ('live between steps', 'train peak (remat)', 'sampler peak'):
+    stated = re.search(re.escape(name) + r'.*?([0-9.]+) GiB', doc).group(1)
+    row = re.search(re.escape(name) + r' +([0-9.]+)', table).group(1)
+    assert stated == row, (name, stated, row)
+  assert 'remat: 7.9 GiB of 16 GiB HBM -> fits' in table
+
+
 if __name__ == '__main__':
   _child()
