@@ -1,6 +1,7 @@
 """score_jax: SCoRe (self-correction via multi-turn RL) in JAX/Flax."""
 import setuptools
 
+# Exact versions of a measured environment: constraints.txt (pip install -c constraints.txt).
 # Optional groups. `tfds`: the tensorflow-datasets builder for local MATH files (no
 # TensorFlow needed). `test`: the suite, which also proves the Gemma models against
 # Hugging Face transformers (PyTorch CPU; torch 2.13.0 is the wheel this project's
@@ -8,7 +9,12 @@ import setuptools
 TFDS = ["tensorflow-datasets", "array-record",
         # tfds imports it to build a builder defined in a module but does not declare it.
         "importlib_resources"]
-TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors"] + TFDS
+# `tensorboard`: its EventAccumulator is the reader that applies purge_step, which the
+# resume test reads the event files back through.
+TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors", "tensorboard"] + TFDS
+# `gcs`: gs:// workdirs. Orbax and the JSONL writer reach them through etils.epath (gcsfs),
+# tensorboardX through google-cloud-storage.
+GCS = ["gcsfs", "google-cloud-storage"]
 
 setuptools.setup(
     name="score_jax",
@@ -38,5 +44,5 @@ setuptools.setup(
         # bfloat16 views of safetensors bytes (numpy has no bfloat16); a jax dependency.
         "ml_dtypes",
     ],
-    extras_require={"tfds": TFDS, "test": TEST},
+    extras_require={"tfds": TFDS, "test": TEST, "gcs": GCS},
 )
