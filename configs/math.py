@@ -12,9 +12,10 @@ Sized for one TPU v4-8 host (4 chips x 32 GiB) or v5e-8 (8 chips x 16 GiB), with
 paper's batch of 512 episodes (128 prompts x 4 samples for RLOO): the loss step takes it
 in 32 microbatches and the sampler 64 episodes at a time; see
 `config_defaults.gemma_config` for the layout. Estimated peak per device (remat on):
-8.4 GiB on v5e-8, 16.8 GiB on v4-8, from
-  python -m score_jax.memory --model=gemma2_2b --batch=512 --seq_len=2176 --mesh=data:8 \
-      --microbatches=32 --sample_batch=64 --dtype=bfloat16 --remat=true --hbm_gb=16
+10.5 GiB on v5e-8, 21.1 GiB on v4-8 (--mesh=data:4 --hbm_gb=32), from
+  python -m score_jax.memory --model=gemma2_2b --batch=512 --seq_len=2176 --prompt_len=512 \
+      --mesh=data:8 --microbatches=32 --sample_batch=64 --dtype=bfloat16 --remat=true \
+      --hbm_gb=16
 """
 import ml_collections
 

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from score_jax import sampling
+from score_jax import sharding
 from score_jax.tasks import formats
 from score_jax.tasks.base import Problem, Task
 
@@ -135,6 +136,7 @@ class Episodes:
     """`shardings`: (params, batch, replicated) shardings of the mesh."""
     self.model, self.tok, self.task, self.fmt = model, tok, task, fmt
     self.param_sh, self.batch_sh, self.repl_sh = shardings
+    self.mesh = getattr(self.batch_sh, 'mesh', None)
     self.max_prompt_len, self.max_len = rollout_cfg.max_prompt_len, rollout_cfg.max_len
     self.instr_I = np.asarray(tok.encode(fmt.instruction_text(task)), np.int32)
     stops = formats.stop_ids(tok, fmt)
@@ -175,8 +177,8 @@ class Episodes:
       return sampling.generate(self.model, {'params': params}, context_BxC, valid_BxC, rng,
                                sample_params, turns=turns, max_len=self.max_len,
                                stop_ids=self.stop_ids, pad_id=self.pad_id, instr_I=instr_I)
-    return jax.jit(generate, in_shardings=(self.param_sh, self.batch_sh, self.batch_sh,
-                                           self.repl_sh, self.repl_sh, self.repl_sh))
+    return sharding.under_mesh(self.mesh, jax.jit(generate, in_shardings=(
+        self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh, self.repl_sh)))
 
   def _attempts(self, params, context_BxC, valid_BxC, rng, sample_params, turns, batch_size):
     """`turns` attempts after the contexts, `batch_size` rows per compiled call (0 = all),

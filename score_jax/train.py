@@ -312,7 +312,7 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
                      opt_state)
   ref_sh = None if ref_params is None else setup.param_sh
   jitted = None
-  writer = writers.MetricWriter(setup.workdir, name, steps, cfg.log_every)
+  writer = writers.MetricWriter(setup.workdir, name, steps, cfg.log_every, resume_step=start)
   try:
     for step in range(start, steps):
       t0 = time.time()
@@ -327,8 +327,10 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
         batch["kl_scale"] = kl.scale_T(phase.turns)
       if jitted is None:  # The batch's keys decide its shardings: [B, ...] split, the rest not.
         batch_sh = {k: setup.repl_sh if k == "kl_scale" else setup.batch_sh for k in batch}
-        jitted = jax.jit(step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
-                         out_shardings=(state_sh, setup.repl_sh), donate_argnums=0)
+        # Under the mesh, so the model's activation layout hints apply (sharding.under_mesh).
+        jitted = sharding.under_mesh(setup.mesh, jax.jit(
+            step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
+            out_shardings=(state_sh, setup.repl_sh), donate_argnums=0))
       n_tokens = int(np.sum(batch["valid"]))
       state, m = jitted(state, ref_params, jax.device_put(batch, batch_sh))
       m = jax.device_get(m)

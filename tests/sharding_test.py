@@ -2,25 +2,29 @@
 
 The device count is fixed when jax starts, and this pytest process may already have
 started it with one device, so the checks run in a child process (this file run as a
-script) with XLA_FLAGS forcing 8 host devices.
+script) with XLA_FLAGS forcing 8 host devices (mesh_helpers.run_child).
 """
 import functools
-import os
-import subprocess
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+import mesh_helpers
+
 RULES = [('.*mlp/gating_einsum', (None, None, 'model')), ('.*mlp/linear', ('model', None)),
          ('.*', ())]
 
 
 def test_sft_step_on_8_devices():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, XLA_FLAGS=(
-      os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip())
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert 'all sharding checks passed' in proc.stdout
+  mesh_helpers.run_child(__file__, timeout=300)
+
+
+def test_rules_naming_an_axis_the_mesh_lacks_are_refused():
+  import jax
+  import numpy as np
+  from score_jax import sharding
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  with pytest.raises(ValueError, match=r"mesh axes \['model'\] that config\.mesh\.axes"):
+    sharding.param_shardings(mesh, {'mlp': {'linear': np.zeros((4, 2))}}, sharding.FSDP_TP_RULES)
 
 
 # -- the child: everything below runs with 8 devices ---------------------------------------
@@ -78,7 +82,6 @@ def _run_sft(mesh, model, abstract, params, batch, tx, steps=2):
 def _child():
   import jax
   import numpy as np
-  import pytest
   from jax.sharding import Mesh, PartitionSpec as P
   from score_jax import sharding
 
@@ -127,7 +130,7 @@ def _child():
   with pytest.raises(ValueError, match=r'config\.mesh\.axes'):
     sharding.make_mesh((4, 2), ('batch', 'model'))
   print(f'losses {losses} (8 devices) vs {losses_1} (1 device)')
-  print('all sharding checks passed')
+  print(mesh_helpers.PASSED)
 
 
 if __name__ == '__main__':
