@@ -48,7 +48,7 @@ def get_config():
   c = _math_config()
   nine = config_defaults.gemma_config("gemma2_9b", WEIGHTS)
   c.model, c.tokenizer = nine.model, nine.tokenizer
-  c.base.checkpoint = WEIGHTS
+  c.init.checkpoint = WEIGHTS
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 2), axes=(sharding.DATA_AXIS, sharding.MODEL_AXIS)))
   c.sharding_rules = [tuple(r) for r in sharding.FSDP_TP_RULES]

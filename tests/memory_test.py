@@ -9,6 +9,7 @@ import pytest
 from score_jax.weights import hf as import_hf
 from score_jax import memory
 from score_jax import model as model_lib
+from score_jax import objective
 from score_jax import train
 
 
@@ -87,8 +88,9 @@ def test_sizes_match_the_real_arrays(kw):
 
 BASE = dict(vocab_size=256, embed_dim=64, hidden_dim=256, num_layers=4, num_heads=4,
             num_kv_heads=2, head_dim=16)
-LOSS_CFG = dict(stage=2, alpha=10.0, beta1=0.01, beta2=0.1, kl_estimator='k1',
-                baseline='rloo', rloo_k=4, normalize_advantages=False)
+LOSS_CFG = objective.Objective(  # Stage II
+    turns=2, train_turns=(1, 2), reward_weights=(1.0, 1.0), alpha=10.0, kl_coefs=(0.01, 0.01),
+    baselines=('rloo', 'rloo'), rloo_k=4)
 TRAIN_TOLERANCE = 0.15  # measured 0.90-1.06 (module docstring of memory.py)
 SAMPLER_TOLERANCE = 0.25  # measured 0.85-1.08
 
@@ -97,7 +99,6 @@ def xla_train_step_bytes(c, batch, seq_len, microbatches=1, chunk=16, mesh=None,
   """Peak bytes per device of the trainer's compiled RL step (donated state), by XLA:
   arguments + outputs - aliased (donated) + temporaries."""
   import functools
-  import ml_collections
   from score_jax import sharding
   model = model_lib.Transformer(c)
   params = import_hf.abstract_params(c)
@@ -106,10 +107,8 @@ def xla_train_step_bytes(c, batch, seq_len, microbatches=1, chunk=16, mesh=None,
   state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt)
   shape = lambda *s, dtype=jnp.int32: jax.ShapeDtypeStruct(s, dtype)
   batch_args = dict(tokens=shape(batch, seq_len), valid=shape(batch, seq_len, dtype=bool),
-                    turn=shape(batch, seq_len), r1=shape(batch, dtype=jnp.float32),
-                    r2=shape(batch, dtype=jnp.float32))
-  step = functools.partial(train.rl_step, model, tx, chunk,
-                           ml_collections.ConfigDict(LOSS_CFG), microbatches=microbatches)
+                    turn=shape(batch, seq_len), rewards=shape(batch, 2, dtype=jnp.float32))
+  step = functools.partial(train.rl_step, model, tx, chunk, LOSS_CFG, microbatches=microbatches)
   kw = {}
   if mesh is not None:
     param_sh = sharding.param_shardings(mesh, params, rules)
@@ -134,7 +133,7 @@ def xla_sampler_bytes(c, batch, prompt_len, new_tokens):
     p = {'params': params}
     state = sampling.start(model, p, prompt, valid, cache_size=prompt_len + new_tokens)
     return sampling.decode(model, p, state, rng, sampling.SampleParams.create(1.0),
-                           new_tokens, eos_id=3)[1]
+                           new_tokens, (3,))[1]
   m = jax.jit(sample).lower(
       import_hf.abstract_params(c), jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
       jax.ShapeDtypeStruct((batch, prompt_len), bool), jax.random.key(0)).compile(

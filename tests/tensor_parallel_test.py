@@ -22,7 +22,6 @@ def test_sampler_and_loss_agree_across_meshes():
 def _setup():
   import jax
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
   from score_jax import model as model_lib
 
@@ -51,11 +50,11 @@ def _setup():
   turn = np.where(valid & (slots >= 8), np.where(slots >= 16, 2, 1), 0).astype(np.int32)
   tokens = np.where(valid, rng.integers(4, 64, size=(B, L)), 0).astype(np.int32)
   batch = dict(tokens=tokens, valid=valid, turn=turn,
-               r1=rng.integers(0, 2, size=B).astype(np.float32),
-               r2=rng.integers(0, 2, size=B).astype(np.float32))
-  loss_cfg = ml_collections.ConfigDict(dict(
-      stage=2, alpha=10.0, beta1=0.01, beta2=0.1, kl_estimator='k1', baseline='rloo',
-      rloo_k=4, normalize_advantages=False))
+               rewards=rng.integers(0, 2, size=(B, 2)).astype(np.float32))
+  from score_jax import objective
+  loss_cfg = objective.Objective(  # Stage II
+      turns=2, train_turns=(1, 2), reward_weights=(1.0, 1.0), alpha=10.0,
+      kl_coefs=(0.01, 0.01), baselines=('rloo', 'rloo'), rloo_k=4)
   return model, params, ref, (prompt, prompt_valid), batch, loss_cfg
 
 
@@ -67,20 +66,19 @@ def greedy_tokens(model, params, prompt, prompt_valid, max_new_tokens=10):
   state = sampling.start(model, p, prompt, prompt_valid,
                          cache_size=prompt.shape[1] + max_new_tokens)
   _, sample = sampling.decode(model, p, state, jax.random.key(0),
-                              sampling.SampleParams.create(0.0), max_new_tokens, eos_id=None)
+                              sampling.SampleParams.create(0.0), max_new_tokens, ())
   return sample.tokens_BxT, sample.logprobs_BxT
 
 
 def loss_and_grads(model, loss_cfg, chunk, params, ref, batch):
-  """objective.token_logprobs for policy and reference, then objective.score_loss."""
+  """objective.token_logprobs for policy and reference, then objective.rl_loss."""
   import jax
   from score_jax import objective
   logp_ref, _ = objective.token_logprobs(model, ref, batch['tokens'], batch['valid'], chunk)
 
   def loss_fn(p):
     logp, _ = objective.token_logprobs(model, p, batch['tokens'], batch['valid'], chunk)
-    return objective.score_loss(logp, logp_ref, batch['turn'], batch['r1'], batch['r2'],
-                                loss_cfg)
+    return objective.rl_loss(logp, logp_ref, batch['turn'], batch['rewards'], loss_cfg)
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return loss, metrics, grads
 
@@ -129,7 +127,9 @@ def _child():
     mesh_helpers.assert_trees_close(logprobs, logprobs_1, 1e-5, f'logprobs on {shape}')
     mesh_helpers.assert_trees_close(loss, loss_1, 1e-5, f'loss on {shape}')
     mesh_helpers.assert_trees_close(metrics, metrics_1, 1e-5, f'metrics on {shape}')
-    mesh_helpers.assert_trees_close(grads, grads_1, 1e-5, f'gradient on {shape}')
+    # The sequence KL weighs each token by the KL still to come (sums of ~10 here), so
+    # float32 reductions reordered across meshes differ by up to ~1e-5 relative.
+    mesh_helpers.assert_trees_close(grads, grads_1, 5e-5, f'gradient on {shape}')
     assert digests == digests_1, shape  # checkpoint digests do not depend on the layout
   grad_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads_1))))
   assert grad_norm > 1e-3, grad_norm
