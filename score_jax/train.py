@@ -364,7 +364,7 @@ def host_metrics(batch: episodes_lib.Batch) -> dict:
   lengths = batch.lengths_TxB()
   out = {k: v for k, v in s.items() if k.startswith("delta")}
   out.update(edit_ratio=s["edit_ratio_mean"], edit_ratio_zero_share=s["edit_ratio_zero_share"],
-             correct_given_wrong=s["correct_given_wrong"])
+             correct_given_wrong=s["correct_given_wrong"], edit_ratio_hist=s["edit_ratio_hist"])
   for t in range(batch.turns):
     out.update({f"r{t + 1}": s[f"acc_t{t + 1}"], f"truncated{t + 1}": s[f"truncated_t{t + 1}"],
                 f"len{t + 1}": float(np.mean(lengths[t]))})

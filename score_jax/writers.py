@@ -85,6 +85,9 @@ class MetricWriter:
     self._jsonl.flush()
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
+    for k, counts in metrics.items():  # Already binned over [0, 1]: `..._hist` lists.
+      if k.endswith("_hist"):
+        self._histogram(k, np.asarray(counts, np.float64), step)
     now = time.time()
     if self._t0 is None:  # ETA from steps after the first (which includes compilation).
       self._t0, self._first_step = now, step
@@ -93,6 +96,16 @@ class MetricWriter:
       eta = (now - self._t0) / done * (self.total - step) if done > 0 else float("nan")
       shown = " ".join(f"{k} {scalars[k]:.3g}" for k in _CONSOLE if k in scalars)
       print(f"[{self.phase}] step {step}/{self.total} | {shown} | ETA {_duration(eta)}", flush=True)
+
+  def _histogram(self, tag: str, counts, step: int):
+    """Counts of equal bins of [0, 1] as a TensorBoard histogram (e.g. the edit ratio
+    between attempts: mass at 0 is the paper's collapse)."""
+    edges = np.linspace(0.0, 1.0, len(counts) + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    self._tb.add_histogram_raw(
+        tag, min=0.0, max=1.0, num=float(counts.sum()), sum=float((counts * centers).sum()),
+        sum_squares=float((counts * centers**2).sum()), bucket_limits=edges[1:].tolist(),
+        bucket_counts=counts.tolist(), global_step=step)
 
   def close(self):
     if self.is_writer:

@@ -269,3 +269,10 @@ def test_consistent_slips_write_the_carry_free_work():
   assert default.student(task.make_problem(37, 67), rng) == 'Answer 94. Check 7+7=14, 3+6+1=10 so 104.'
   with pytest.raises(ValueError, match='slip_check'):
     _task(slip_check='sometimes')
+
+
+def test_answer_key_is_the_claimed_number():
+  task = _task(num_digits=2)
+  assert task.answer_key('Answer 104. Check 7+7=14, 3+6+1=10 so 104.') == '104'
+  assert task.answer_key('Answer 0104. Check') == '104'
+  assert task.answer_key('104') is None

@@ -180,3 +180,11 @@ def test_tfds_auto_format_drops_train_problems_that_are_eval_problems(tmp_path):
 def test_problem_records_are_plain_problems():
   p = make(eval_path=JSONL).eval_problems(1)[0]
   assert isinstance(p, Problem) and set(p.meta) == {'level', 'subject', 'solution'}
+
+
+def test_answer_key_votes_equal_forms_together():
+  task = math_task.MathTask.__new__(math_task.MathTask)  # answer_key reads no data
+  say = 'Final Answer: The final answer is ${}$. I hope it is correct.'.format
+  assert task.answer_key(say('\\dfrac{1}{2}')) == task.answer_key(say('\\frac12'))
+  assert task.answer_key(say('3')) != task.answer_key(say('4'))
+  assert task.answer_key('no final answer here') is None

@@ -113,3 +113,15 @@ def test_relative_workdir_is_local_and_urls_are_not_mangled(monkeypatch, tmp_pat
   writers.MetricWriter('gs://bucket/runs/math', 'stage1', 10, resume_step=0, is_writer=True)
   assert opened == ['gs://bucket/runs/math', 'gs://bucket/runs/math/metrics.jsonl',
                     'gs://bucket/runs/math/tb/stage1']
+
+
+def test_binned_histograms_reach_tensorboard(tmp_path):
+  w = writers.MetricWriter(str(tmp_path), 'stage1', total_steps=2, resume_step=0)
+  w.write(1, dict(loss=1.0, edit_ratio_hist=[6, 0, 0, 2]))  # 6 copies, 2 far edits
+  w.close()
+  acc = event_accumulator.EventAccumulator(os.path.join(tmp_path, 'tb', 'stage1'))
+  acc.Reload()
+  (event,) = acc.Histograms('edit_ratio_hist')
+  assert event.step == 1 and event.histogram_value.num == 8
+  assert list(event.histogram_value.bucket) == [6, 0, 0, 2]
+  assert 'edit_ratio_hist' not in json.loads(open(tmp_path / 'metrics.jsonl').readline())

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from score_jax.tasks.rewards import math_extract, math_grader
+from score_jax.tasks.rewards import math_extract, math_grader, math_normalize
 from score_jax.tasks.base import Problem, Task, merge_config
 from score_jax.tasks.rewards.verifiers import PooledGrading
 
@@ -259,6 +259,15 @@ class MathTask(PooledGrading, Task):
 
   def reward(self, response_text: str, problem: Problem) -> float:
     return math_grader.grade(response_text, problem.answer)
+
+  def answer_key(self, response_text: str) -> str | None:
+    """The final answer, normalised and squashed: `\\dfrac{1}{2}` and `\\frac12` vote
+    together (answers equal only after simplification vote apart)."""
+    answer = math_extract.extract_answer(response_text)
+    if answer is None:
+      return None
+    value, unit = math_normalize.normalize(answer)
+    return math_normalize.squash(value)
 
   def rewards(self, response_texts: Sequence[str], problems: Sequence[Problem]) -> np.ndarray:
     """float32 [n]: `math_grader` verdicts in the verifier pool, each answer under
