@@ -26,6 +26,7 @@ from score_jax import config_defaults
 from score_jax import model as model_lib
 from score_jax import recipes
 from score_jax import sampling
+from score_jax import optimizer
 from score_jax import train
 
 VOCAB, HEAD_DIM = 512, 64
@@ -165,7 +166,7 @@ def bench_train(model, params_np, a, peak, rng):
   B, L = a.batch, a.train_len
   cfg = model.config
   batch = rl_batch(rng, B, L)
-  tx = train.make_optimizer(1e-4, 1.0)
+  tx = optimizer.make_optimizer(1e-4, 1.0)
   fwd, _ = flops_per_token(cfg, params_np, L, passes=2)
   fwd_bwd, _ = flops_per_token(cfg, params_np, L, passes=6)
   config = config_defaults.get_config()  # configs/demo.py's Stage II

@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   # sizes (Gemma, Llama 3, Qwen2.5/3, SmolLM2).
   # Precision: param_dtype float32 + dtype bfloat16 is mixed precision, the params being
   # the float32 master (cast to bfloat16 where used); param_dtype bfloat16 stores bfloat16
-  # params and keeps the float32 master inside the optimizer (train.with_float32_master).
+  # params and keeps the float32 master inside the optimizer (optimizer.with_float32_master).
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=vocab, embed_dim=128, hidden_dim=512, num_layers=4, num_heads=4,
       num_kv_heads=1, head_dim=32, rope_base=10_000, dtype="float32",

@@ -247,39 +247,3 @@ class Episodes:
     batch.texts = texts
     batch.rewards_BxT = np.asarray(flat, np.float32).reshape(batch.turns, -1).T.copy()
     return batch
-
-
-# ---------------------------------------------------------------------------------------
-# Supervised data from a model's own episodes (STaR, Pair-SFT).
-
-Row = tuple  # (problem, attempt texts, which attempts get the loss)
-
-
-def star_rows(batch: Batch, keep: str) -> list[Row]:
-  """The scored episodes STaR keeps. 'star': a wrong first attempt turned right by the
-  last, the loss on the last; 'star_right': the last attempt right and not worse than the
-  first, the loss on every right attempt."""
-  rows = []
-  for i, p in enumerate(batch.problems):
-    r = batch.rewards_BxT[i] > 0.5
-    attempts = [batch.texts[t][i] for t in range(batch.turns)]
-    if keep == 'star' and not r[0] and r[-1]:
-      rows.append((p, attempts, [False] * (batch.turns - 1) + [True]))
-    elif keep == 'star_right' and r[-1] and r[-1] >= r[0]:
-      rows.append((p, attempts, r.tolist()))
-  return rows
-
-
-def pair_rows(batch: Batch, k: int, rng: np.random.Generator) -> list[Row]:
-  """Pair-SFT: in each group of k single attempts at one problem, every wrong attempt is
-  paired with one of the right ones (drawn with `rng`) as [wrong, right]; the loss on the
-  right one."""
-  rows = []
-  for g in range(0, len(batch.problems), k):
-    r = batch.rewards_BxT[g:g + k, 0] > 0.5
-    texts = batch.texts[0][g:g + k]
-    right = [t for t, ok in zip(texts, r) if ok]
-    for text, ok in zip(texts, r):
-      if not ok and right:
-        rows.append((batch.problems[g], [text, right[rng.integers(len(right))]], [False, True]))
-  return rows

@@ -166,7 +166,20 @@ def format_tables(summary: dict, results: dict, seeds) -> str:
   return "\n".join(lines)
 
 
+def _save(fig, ax, path: str, xlabel: str, ylabel: str, title: str, legend_size: int = 7):
+  import matplotlib.pyplot as plt
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot(summary: dict, results: dict, seeds, workdir: str):
+  """paper_methods.png (Acc@t1 / Acc@t2 / Δ per method), paper_edit.png (edit-distance
+  histograms: the collapse figure), paper_scaling.png (inference-time scaling curves)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -178,26 +191,18 @@ def plot(summary: dict, results: dict, seeds, workdir: str):
     std = [100 * summary[m].get(key, (0, 0))[1] for m in methods]
     ax.bar(x + (i - 1) * 0.27, mean, 0.27, yerr=std, label=label, capsize=2)
   ax.set_xticks(x, methods, rotation=30, ha="right", fontsize=8)
-  ax.set_ylabel("% of held-out problems")
   ax.axhline(0, color="k", lw=0.5)
-  ax.legend(fontsize=8)
-  ax.set_title(f"Methods, mean ± std over seeds {','.join(map(str, seeds))}")
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "paper_methods.png"), dpi=120)
-  plt.close(fig)
+  _save(fig, ax, os.path.join(workdir, "paper_methods.png"), "", "% of held-out problems",
+        f"Methods, mean ± std over seeds {','.join(map(str, seeds))}", 8)
 
   fig, ax = plt.subplots(figsize=(6, 3.8))
   edges = np.linspace(0, 1, evaluate.HIST_BINS + 1)
   for m in methods:
     hist = np.sum([results[s][m]["edit_ratio_hist"] for s in seeds if m in results[s]], axis=0)
     ax.plot((edges[:-1] + edges[1:]) / 2, hist / max(hist.sum(), 1), marker=".", label=m)
-  ax.set_xlabel("edit distance ratio between attempts 1 and 2")
-  ax.set_ylabel("share of problems")
-  ax.set_title("Collapse: mass at 0 means the second attempt copies the first")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "paper_edit.png"), dpi=120)
-  plt.close(fig)
+  _save(fig, ax, os.path.join(workdir, "paper_edit.png"),
+        "edit distance ratio between attempts 1 and 2", "share of problems",
+        "Collapse: mass at 0 means the second attempt copies the first")
 
   scaled = [m for m in methods if any("scaling" in results[s].get(m, {}) for s in seeds)]
   if scaled:
@@ -208,13 +213,9 @@ def plot(summary: dict, results: dict, seeds, workdir: str):
       for kind, style in (("parallel", "--"), ("sequential", "-")):
         ax.plot(2 * k, 100 * np.mean([c[kind] for c in curves], axis=0), style, marker=".",
                 label=f"{m} {kind}")
-    ax.set_xlabel("samples per problem (2K)")
-    ax.set_ylabel("majority-vote accuracy (%)")
-    ax.set_title("Inference-time scaling: 2K parallel vs K parallel + K corrections")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "paper_scaling.png"), dpi=120)
-    plt.close(fig)
+    _save(fig, ax, os.path.join(workdir, "paper_scaling.png"), "samples per problem (2K)",
+          "majority-vote accuracy (%)",
+          "Inference-time scaling: 2K parallel vs K parallel + K corrections", 6)
 
 
 def run_suite(config, workdir: str, seeds, methods, settings: dict) -> dict:

@@ -25,6 +25,7 @@ from score_jax import checkpoints
 from score_jax import episodes as episodes_lib
 from score_jax import evaluate
 from score_jax import recipes
+from score_jax import sft_data
 from score_jax import train
 from score_jax.model import ModelConfig
 from score_jax.tasks import formats
@@ -110,9 +111,10 @@ class Run:
     self.check_fingerprint(phase)
     init = lambda: self.params_of(phase.cfg.init)
     if phase.kind == "sft":
-      rows = (train.transcript_rows(self.task, phase, self.config.seed)
-              if phase.cfg.data == "transcripts" else train.self_generated_rows(
-                  self.setup, self.episodes, phase, os.path.join(self.workdir, f"{phase.name}_data")))
+      rows = (sft_data.transcript_rows(self.task, phase, self.config.seed)
+              if phase.cfg.data == "transcripts" else sft_data.self_generated_rows(
+                  self.config, self.episodes, phase,
+                  os.path.join(self.workdir, f"{phase.name}_data")))
       return train.sft_phase(self.setup, self.episodes, phase, init, rows)
     reference = self.setup.as_reference(self.params_of(phase.cfg.reference))
     return train.rl_phase(self.setup, self.episodes, phase, init, reference)

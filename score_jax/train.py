@@ -10,10 +10,9 @@ params, is decided in run.py.
 """
 import dataclasses
 import functools
-import json
 import os
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -25,11 +24,12 @@ from score_jax import checkpoints
 from score_jax import episodes as episodes_lib
 from score_jax import evaluate
 from score_jax import objective
+from score_jax import optimizer
 from score_jax import sampling
+from score_jax import sft_data
 from score_jax import sharding
 from score_jax import writers
 from score_jax.model import ModelConfig, Transformer, causal_attention_mask, positions_from_valid
-from score_jax.tasks.base import Problem
 
 
 @flax.struct.dataclass
@@ -37,46 +37,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-class MasterState(NamedTuple):
-  master: Any  # float32 copy of the (low-precision) params
-  inner: Any  # the wrapped optimizer's state, over the master copy
-
-
-def with_float32_master(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`tx` applied to a float32 master copy of bfloat16 params.
-
-  RL steps at lr 5e-6 move a weight by far less than bfloat16's spacing (2^-8 relative),
-  so updates applied to bfloat16 params directly round away; the master accumulates them
-  and the params are the master rounded. Costs 12 bytes per param (master + 2 moments).
-  """
-  def init(params):
-    master = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    return MasterState(master, tx.init(master))
-
-  def update(grads, state, params):
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    updates, inner = tx.update(grads, state.inner, state.master)
-    master = optax.apply_updates(state.master, updates)
-    # What takes params to the master: optax.apply_updates adds it and rounds to bf16.
-    to_master = jax.tree.map(lambda m, p: m - p.astype(jnp.float32), master, params)
-    return to_master, MasterState(master, inner)
-
-  return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(learning_rate: float, grad_clip: float, warmup_steps: int = 0,
-                   total_steps: int = 0, weight_decay: float = 0.0,
-                   float32_master: bool = False) -> optax.GradientTransformation:
-  """Adam (the paper's optimizer); warmup + cosine only where total_steps is given (SFT);
-  `float32_master` for low-precision params (see `with_float32_master`)."""
-  lr = learning_rate
-  if total_steps:
-    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
-                                            max(total_steps, warmup_steps + 1))
-  tx = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(lr, weight_decay=weight_decay))
-  return with_float32_master(tx) if float32_master else tx
 
 
 def _masked_mean(x, mask):
@@ -250,10 +210,6 @@ def best_dir(workdir: str, name: str) -> str:
 # The loop over one phase.
 
 
-class NoData(Exception):
-  """A phase's batch source has nothing to train on (e.g. STaR kept no episode)."""
-
-
 class _Checkpoints:
   """The phase's directory (latest steps, for resume) and, with select=best_reward, the
   best params so far in <name>_best."""
@@ -318,7 +274,7 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
       t0 = time.time()
       try:
         batch, host_metrics = batch_fn(state.params, step)
-      except NoData as e:  # Finished as it stands, so a rerun does not try again.
+      except sft_data.NoData as e:  # Finished as it stands, so a rerun does not try again.
         print(e, flush=True)
         ckpt.main.save(steps, state.params, state.opt_state, dict(phase=name, no_data=True),
                        force=True)
@@ -406,7 +362,7 @@ def rl_batch_fn(setup: Setup, eps: episodes_lib.Episodes, phase, ref_params):
 def rl_phase(setup: Setup, eps, phase, init_params: Callable, ref_params):
   """An RL phase from `init_params()`, held by the KL to `ref_params`."""
   rl, p = setup.config.rl, phase.cfg
-  tx = make_optimizer(p.learning_rate, rl.grad_clip, float32_master=setup.float32_master)
+  tx = optimizer.make_optimizer(p.learning_rate, rl.grad_clip, float32_master=setup.float32_master)
   step_fn = functools.partial(rl_step, setup.model, tx, rl.logprob_chunk, phase.objective,
                               microbatches=rl.microbatches)
   anchored = tuple(t for t in range(phase.turns) if t + 1 not in phase.objective.train_turns)
@@ -420,7 +376,7 @@ def sft_phase(setup: Setup, eps, phase, init_params: Callable, rows_fn: Callable
   """A supervised phase on `rows_fn(params, step) -> [(problem, attempt texts, trained)]`:
   the loss on the attempts marked trained (and in `loss_turns`, when given)."""
   cfg, p = setup.config, phase.cfg
-  tx = make_optimizer(p.learning_rate, p.grad_clip, p.warmup_steps, p.steps, p.weight_decay,
+  tx = optimizer.make_optimizer(p.learning_rate, p.grad_clip, p.warmup_steps, p.steps, p.weight_decay,
                       setup.float32_master)
   step_fn = functools.partial(sft_step, setup.model, tx, cfg.rl.logprob_chunk, tuple(p.loss_turns))
 
@@ -434,62 +390,3 @@ def sft_phase(setup: Setup, eps, phase, init_params: Callable, rows_fn: Callable
     return dict(tokens=layout["tokens"], valid=layout["valid"],
                 turn=np.where(keep, turn, 0).astype(np.int32)), {}
   return train_phase(setup, phase, tx, step_fn, batch_fn, init_params)
-
-
-def transcript_rows(task, phase, seed: int):
-  """The task's simulated student (the embedded base model's data), fresh each step."""
-  def rows_fn(params, step):
-    del params  # Off-policy data.
-    rng = np.random.default_rng([seed, phase.index, step])
-    return [(q, a, [True] * len(a))
-            for q, a in task.base_transcripts(rng, phase.cfg.batch_size, phase.turns)]
-  return rows_fn
-
-
-def self_generated_rows(setup: Setup, eps, phase, directory: str):
-  """STaR / Pair-SFT data: at the start of each of `rounds` equal parts of the phase,
-  `samples / rounds` episodes drawn from the current params (at the rollout temperature)
-  and filtered (episodes.star_rows / pair_rows); saved as <directory>/round<r>.jsonl, so a
-  resumed phase trains on the same data. Batches are drawn from the round's rows with
-  (seed, phase, step)."""
-  cfg, p, rl, r = setup.config, phase.cfg, setup.config.rl, setup.config.rollout
-  sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
-  per_call = rl.num_prompts * rl.samples_per_prompt
-  rows_of = {}
-
-  def generate(params, rnd: int):
-    rng = np.random.default_rng([cfg.seed, phase.index, 1_000_000 + rnd])
-    turns = 1 if p.data == "pair" else phase.turns
-    rows, n, sampled = [], p.samples // p.rounds, 0
-    while sampled < n:
-      problems = [q for q in eps.task.train_problems(rng, rl.num_prompts)
-                  for _ in range(rl.samples_per_prompt)]
-      key = jax.random.fold_in(jax.random.key(cfg.seed), phase.index * 1_000_003 + 500_000 + sampled)
-      batch = eps.score(eps.sample(params, problems, key, sample_params, turns, r.batch_size))
-      rows += (episodes_lib.pair_rows(batch, rl.samples_per_prompt, rng) if p.data == "pair"
-               else episodes_lib.star_rows(batch, p.data))
-      sampled += per_call
-    print(f"[{phase.name}] round {rnd}: kept {len(rows)} of {sampled} sampled episodes "
-          f"({p.data})", flush=True)
-    if not rows:
-      raise NoData(f"[{phase.name}] {p.data} kept none of {sampled} episodes: nothing to "
-                   "train on; the phase hands on its init's params")
-    return rows
-
-  def rows_fn(params, step):
-    rnd = step * p.rounds // p.steps
-    if rnd not in rows_of:
-      path = os.path.join(directory, f"round{rnd}.jsonl")
-      if os.path.exists(path):
-        with open(path) as f:
-          rows_of[rnd] = [(Problem(**d["problem"]), d["attempts"], d["trained"])
-                          for d in map(json.loads, f)]
-      else:
-        rows_of[rnd] = generate(params, rnd)
-        evaluate.write_jsonl(path, (dict(problem=dataclasses.asdict(q), attempts=a, trained=m)
-                                    for q, a, m in rows_of[rnd]))
-    rows = rows_of[rnd]
-    picks = np.random.default_rng([cfg.seed, phase.index, step]).integers(len(rows),
-                                                                          size=p.batch_size)
-    return [rows[i] for i in picks]
-  return rows_fn

@@ -13,6 +13,7 @@ import tensorstore as ts
 from score_jax import checkpoints
 from score_jax import model as model_lib
 from score_jax import sharding
+from score_jax import optimizer
 from score_jax import train
 
 CONFIG = model_lib.ModelConfig(vocab_size=64, embed_dim=32, hidden_dim=64, num_layers=2,
@@ -26,7 +27,7 @@ def _state():
   params = model_lib.Transformer(CONFIG).init(
       jax.random.key(0), jnp.zeros((1, 4), jnp.int32), model_lib.positions_from_valid(valid),
       model_lib.causal_attention_mask(valid))['params']
-  tx = train.make_optimizer(1e-2, 1.0)
+  tx = optimizer.make_optimizer(1e-2, 1.0)
   grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape),
                        params)
   updates, opt_state = tx.update(grads, tx.init(params), params)

@@ -67,8 +67,14 @@ def test_self_correction_metrics_on_hand_case():
                   delta_c2i=1 / 8, edit_ratio_mean=7 / 24, edit_ratio_zero_share=4 / 8,
                   truncated_t1=1 / 8, truncated_t2=3 / 8,
                   correct_given_wrong=2 / 4)  # wrong at t1: rows 3-6; right at t2: 3, 5
-  assert set(m) == set(expected) | {'n'}
+  assert set(m) == set(expected) | {'n', 'edit_ratio_hist'}
   assert m['n'] == 8
+  # The ratios of _eight() in 20 bins: four copies in bin 0, 1/6 in 3, 1/2 in 10,
+  # 2/3 in 13, 1 in the last.
+  want_hist = [0] * 20
+  for b, n in ((0, 4), (3, 1), (10, 1), (13, 1), (19, 1)):
+    want_hist[b] = n
+  assert m['edit_ratio_hist'] == want_hist
   for k, v in expected.items():
     assert m[k] == pytest.approx(v), k
 

@@ -10,6 +10,7 @@ import pytest
 
 from score_jax import episodes
 from score_jax import evaluate
+from score_jax import sft_data
 from score_jax.tasks.base import Problem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,9 +31,9 @@ def _scored(rewards_BxT, texts=None):
 
 def test_star_keeps_only_corrections_and_trains_the_last_attempt():
   # wrong->right, right->right, right->wrong, wrong->wrong
-  rows = episodes.star_rows(_scored([[0, 1], [1, 1], [1, 0], [0, 0]]), 'star')
+  rows = sft_data.star_rows(_scored([[0, 1], [1, 1], [1, 0], [0, 0]]), 'star')
   assert [(p.id, a, m) for p, a, m in rows] == [('0', ['y1-0', 'y2-0'], [False, True])]
-  rows = episodes.star_rows(_scored([[0, 1], [1, 1], [1, 0], [0, 0]]), 'star_right')
+  rows = sft_data.star_rows(_scored([[0, 1], [1, 1], [1, 0], [0, 0]]), 'star_right')
   assert [(p.id, m) for p, _, m in rows] == [('0', [False, True]), ('1', [True, True])]
 
 
@@ -40,7 +41,7 @@ def test_pair_sft_pairs_each_wrong_attempt_with_a_right_one_of_its_problem():
   # Two groups of k=3 single attempts: [wrong, right, wrong] and [wrong, wrong, wrong].
   batch = _scored([[0], [1], [0], [0], [0], [0]])
   batch.problems = [batch.problems[0]] * 3 + [batch.problems[3]] * 3
-  rows = episodes.pair_rows(batch, 3, np.random.default_rng(0))
+  rows = sft_data.pair_rows(batch, 3, np.random.default_rng(0))
   assert [(p.id, a, m) for p, a, m in rows] == [
       ('0', ['y1-0', 'y1-1'], [False, True]), ('0', ['y1-2', 'y1-1'], [False, True])]
 

@@ -10,6 +10,7 @@ from score_jax.weights import hf as import_hf
 from score_jax import memory
 from score_jax import model as model_lib
 from score_jax import objective
+from score_jax import optimizer
 from score_jax import train
 
 
@@ -72,11 +73,11 @@ def test_sizes_match_the_real_arrays(kw):
   assert est['param_count'] == sum(x.size for x in jax.tree.leaves(params))
   assert est['policy params'] == _bytes(params)
   # Plain Adam on the bf16 params: moments in the param dtype (+ tiny counters).
-  opt = jax.eval_shape(train.make_optimizer(1e-5, 1.0).init, params)
+  opt = jax.eval_shape(optimizer.make_optimizer(1e-5, 1.0).init, params)
   assert 0 <= _bytes(opt) - est['Adam state'] <= 64
   # What the trainer builds for bf16 params: a float32 master copy with float32 moments,
   # 12 bytes per param.
-  opt32 = jax.eval_shape(train.make_optimizer(1e-5, 1.0, float32_master=True).init, params)
+  opt32 = jax.eval_shape(optimizer.make_optimizer(1e-5, 1.0, float32_master=True).init, params)
   est32 = memory.estimate(c, memory.Run(batch=3, seq_len=12, optimizer_state='f32_master'))
   assert 0 <= _bytes(opt32) - est32['Adam state'] <= 64
   assert memory.Run(batch=1, seq_len=1).optimizer_state == 'f32_master'
@@ -102,7 +103,7 @@ def xla_train_step_bytes(c, batch, seq_len, microbatches=1, chunk=16, mesh=None,
   from score_jax import sharding
   model = model_lib.Transformer(c)
   params = import_hf.abstract_params(c)
-  tx = train.make_optimizer(1e-5, 1.0, float32_master=jnp.dtype(c.param_dtype) != jnp.float32)
+  tx = optimizer.make_optimizer(1e-5, 1.0, float32_master=jnp.dtype(c.param_dtype) != jnp.float32)
   opt = jax.eval_shape(tx.init, params)
   state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt)
   shape = lambda *s, dtype=jnp.int32: jax.ShapeDtypeStruct(s, dtype)

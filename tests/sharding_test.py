@@ -35,6 +35,7 @@ def _tiny_setup():
   import jax.numpy as jnp
   import numpy as np
   from score_jax import model as model_lib
+  from score_jax import optimizer
   from score_jax import train
 
   model = model_lib.Transformer(model_lib.ModelConfig(
@@ -51,7 +52,7 @@ def _tiny_setup():
   turn = np.where(valid & (np.arange(L) >= 8), 1, 0).astype(np.int32)
   tokens = np.where(valid, rng.integers(4, 32, size=(B, L)), 0).astype(np.int32)
   batch = dict(tokens=tokens, valid=valid, turn=turn)
-  tx = train.make_optimizer(1e-2, 1.0)
+  tx = optimizer.make_optimizer(1e-2, 1.0)
   return model, abstract, params, batch, tx
 
 

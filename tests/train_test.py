@@ -9,6 +9,7 @@ import pytest
 
 from score_jax import model as model_lib
 from score_jax import objective
+from score_jax import optimizer
 from score_jax import train
 
 
@@ -111,7 +112,7 @@ def test_bfloat16_params_keep_a_float32_master_copy():
   grads = {'w': jnp.ones((4,), jnp.bfloat16)}
   out = {}
   for master in (True, False):
-    tx = train.make_optimizer(1e-4, 10.0, float32_master=master)  # ~1e-4 per step
+    tx = optimizer.make_optimizer(1e-4, 10.0, float32_master=master)  # ~1e-4 per step
     p, state = params, tx.init(params)
     step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
         *tx.update(grads, s, p)))
