@@ -183,8 +183,12 @@ def run(jobs):
 def naive(program: str, tests: str) -> tuple[str, str]:
   """The attack against plain Python: program and tests as one program, run by a
   sandboxed program that passes iff that one exits 0."""
-  runner = ('import subprocess, sys\n'
-            f'done = subprocess.run([sys.executable, "-I", "-c", {program + chr(10) + tests!r}])\n'
+  # The base interpreter, not a virtual environment's: a venv under a private dir (CI's
+  # checkout, /tmp under the sandbox's tmpfs) is out of the sandboxed uid's sight, while the
+  # sandbox binds the base prefix back. -I: the stdlib alone.
+  runner = ('import os, subprocess, sys\n'
+            'python = os.path.join(sys.base_prefix, "bin", "python3")\n'
+            f'done = subprocess.run([python, "-I", "-c", {program + chr(10) + tests!r}])\n'
             'assert done.returncode == 0\n')
   return runner, ''
 
