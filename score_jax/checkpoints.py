@@ -278,11 +278,15 @@ def _problems(name, tree, record) -> list[str]:
   digests, nonfinite = array_digests(tree)
   bad = []
   for path, digest in digests.items():
+    # Both, where both hold: flipped bytes often decode to NaN too.
+    what = []
+    if digest != record[path]["digest"]:
+      what.append(f"digest {digest} differs from the saved {record[path]['digest']} (its "
+                  "data changed after it was written)")
     if name == "params" and nonfinite[path]:
-      bad.append(f"{name}/{path}: {nonfinite[path]} non-finite values (NaN or inf)")
-    elif digest != record[path]["digest"]:
-      bad.append(f"{name}/{path}: digest {digest} differs from the saved "
-                 f"{record[path]['digest']} (its data changed after it was written)")
+      what.append(f"{nonfinite[path]} non-finite values (NaN or inf)")
+    if what:
+      bad.append(f"{name}/{path}: " + "; ".join(what))
   return bad
 
 
