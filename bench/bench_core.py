@@ -24,9 +24,9 @@ import numpy as np
 
 from score_jax import config_defaults
 from score_jax import model as model_lib
+from score_jax import optimizer
 from score_jax import recipes
 from score_jax import sampling
-from score_jax import optimizer
 from score_jax import train
 
 VOCAB, HEAD_DIM = 512, 64

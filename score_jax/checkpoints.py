@@ -279,10 +279,10 @@ def _problems(name, tree, record) -> list[str]:
   bad = []
   for path, digest in digests.items():
     # Both, where both hold: flipped bytes often decode to NaN too.
-    what = []
-    if digest != record[path]["digest"]:
-      what.append(f"digest {digest} differs from the saved {record[path]['digest']} (its "
-                  "data changed after it was written)")
+    what, saved = [], record[path]["digest"]
+    if digest != saved:
+      what.append(f"digest {digest} differs from the saved {saved} (its data changed after "
+                  "it was written)")
     if name == "params" and nonfinite[path]:
       what.append(f"{nonfinite[path]} non-finite values (NaN or inf)")
     if what:

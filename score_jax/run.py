@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 
 from score_jax import checkpoints

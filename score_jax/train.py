@@ -44,11 +44,6 @@ def _masked_mean(x, mask):
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _masked_mean(x, mask):
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def sft_step(model, tx, chunk, loss_turns, state: TrainState, ref_params, batch):
   """One supervised step on the model tokens of the batch (all attempts, or `loss_turns`)."""
   del ref_params  # Same signature as rl_step; supervised phases have no reference.
@@ -234,7 +229,7 @@ def train_phase(setup: Setup, phase, tx, step_fn: Callable, batch_fn: Callable,
   `step_fn(state, ref_params, batch)` is jitted once with explicit shardings;
   `batch_fn(params, step) -> (batch, host_metrics)` gives step `step`'s batch.
   """
-  cfg, name, steps = setup.config, phase.name, phase.steps
+  name, steps = phase.name, phase.steps
   state_sh, abstract_opt = setup.state_shardings(tx)
   ckpt = _Checkpoints(setup, name, best is not None)
   start = ckpt.main.latest_step() or 0
@@ -362,7 +357,8 @@ def rl_batch_fn(setup: Setup, eps: episodes_lib.Episodes, phase, ref_params):
 def rl_phase(setup: Setup, eps, phase, init_params: Callable, ref_params):
   """An RL phase from `init_params()`, held by the KL to `ref_params`."""
   rl, p = setup.config.rl, phase.cfg
-  tx = optimizer.make_optimizer(p.learning_rate, rl.grad_clip, float32_master=setup.float32_master)
+  tx = optimizer.make_optimizer(p.learning_rate, rl.grad_clip,
+                                float32_master=setup.float32_master)
   step_fn = functools.partial(rl_step, setup.model, tx, rl.logprob_chunk, phase.objective,
                               microbatches=rl.microbatches)
   anchored = tuple(t for t in range(phase.turns) if t + 1 not in phase.objective.train_turns)
@@ -376,8 +372,8 @@ def sft_phase(setup: Setup, eps, phase, init_params: Callable, rows_fn: Callable
   """A supervised phase on `rows_fn(params, step) -> [(problem, attempt texts, trained)]`:
   the loss on the attempts marked trained (and in `loss_turns`, when given)."""
   cfg, p = setup.config, phase.cfg
-  tx = optimizer.make_optimizer(p.learning_rate, p.grad_clip, p.warmup_steps, p.steps, p.weight_decay,
-                      setup.float32_master)
+  tx = optimizer.make_optimizer(p.learning_rate, p.grad_clip, p.warmup_steps, p.steps,
+                                p.weight_decay, setup.float32_master)
   step_fn = functools.partial(sft_step, setup.model, tx, cfg.rl.logprob_chunk, tuple(p.loss_turns))
 
   def batch_fn(params, step):

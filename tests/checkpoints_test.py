@@ -12,9 +12,8 @@ import tensorstore as ts
 
 from score_jax import checkpoints
 from score_jax import model as model_lib
-from score_jax import sharding
 from score_jax import optimizer
-from score_jax import train
+from score_jax import sharding
 
 CONFIG = model_lib.ModelConfig(vocab_size=64, embed_dim=32, hidden_dim=64, num_layers=2,
                                num_heads=2, num_kv_heads=1, head_dim=16)

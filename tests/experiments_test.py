@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from score_jax import episodes
 from score_jax import evaluate

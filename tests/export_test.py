@@ -22,7 +22,6 @@ from score_jax.episodes import left_pad
 from score_jax import sharding as sharding_lib
 from score_jax.weights import hf as hf_lib
 from score_jax.weights import hf_config
-from score_jax.weights import mapping
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [3, 17, 200, 9, 41, 5, 77, 128, 250, 19, 64]

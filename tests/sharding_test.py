@@ -36,7 +36,6 @@ def _tiny_setup():
   import numpy as np
   from score_jax import model as model_lib
   from score_jax import optimizer
-  from score_jax import train
 
   model = model_lib.Transformer(model_lib.ModelConfig(
       vocab_size=32, embed_dim=32, hidden_dim=64, num_layers=1, num_heads=2, num_kv_heads=1,
