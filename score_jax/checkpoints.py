@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from score_jax import hosts
 from score_jax import sharding
 
 # Hexadecimal golden ratio: decorrelates the second sum from the word positions.
@@ -54,7 +55,9 @@ def abstract_like(tree, shardings) -> Any:
 
 def latest_step(directory: str) -> Optional[int]:
   """The newest complete step in `directory`, or None (also when it does not exist)."""
-  if not epath.Path(resolve_path(directory)).is_dir():
+  # Process 0's view: opening the directory is collective (Orbax), and another process may
+  # be creating it right now.
+  if not hosts.agree(epath.Path(resolve_path(directory)).is_dir()):
     return None
   ckpt = Checkpointer(directory)
   try:

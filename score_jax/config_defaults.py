@@ -233,6 +233,18 @@ def check(config, num_devices: int):
   if list(config.mesh.shape) != [-1]:
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     data_size = sharding.data_axis_size(mesh)
+  # Several processes (hosts.py): each owns an equal share of the data axis and samples
+  # whole RLOO groups, its share of the offline ones too.
+  import jax
+  procs = jax.process_count()
+  check(data_size % procs == 0, "mesh.shape", tuple(config.mesh.shape),
+        f"its data axis ({data_size} devices) must split evenly over the {procs} processes")
+  check(rl.num_prompts % procs == 0, "rl.num_prompts", rl.num_prompts,
+        f"must be a multiple of the {procs} processes (each samples whole RLOO groups)")
+  for p in phases:
+    offline = round(p.cfg.get("offline_turn1", 0) * rl.num_prompts) if p.kind == "rl" else 0
+    check(offline % procs == 0, f"phases.{p.name}.offline_turn1", p.cfg.get("offline_turn1"),
+          f"gives {offline} offline groups, not a multiple of the {procs} processes")
   episodes = rl.num_prompts * rl.samples_per_prompt
   check(isinstance(rl.microbatches, int) and rl.microbatches > 0
         and episodes % (rl.microbatches * data_size) == 0, "rl.microbatches", rl.microbatches,

@@ -11,6 +11,10 @@ tokens and their positions (README "Design"). Rewards come from the task's verif
 every attempt of a batch in one call. Also here: episodes whose first attempt comes from
 another model (offline first attempts; MBPP-R repair of given attempts) and supervised
 transcripts in the same layout. Everything returned is host NumPy.
+
+With several processes (hosts.py) every list of problems given here is this process's
+share: it is sampled on this process's devices and scored on its host; `gather` makes the
+whole batch (texts and rewards included) for metrics and reports.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from score_jax import hosts
 from score_jax import sampling
 from score_jax import sharding
 from score_jax.tasks import formats
@@ -93,6 +98,29 @@ def concatenate(batches: Sequence[Batch]) -> Batch:
   return out
 
 
+def gather(batch: Batch, problems: Sequence[Problem]) -> Batch:
+  """The whole batch from every process's scored share (`problems`: all of them, in
+  process order); the identity with one process."""
+  if jax.process_count() == 1:
+    return batch
+  arrays = hosts.allgather(dict(
+      prompt_BxP=batch.prompt_BxP, prompt_valid_BxP=batch.prompt_valid_BxP,
+      tokens_BxTxL=batch.tokens_TxBxL.transpose(1, 0, 2),
+      valid_BxTxL=batch.valid_TxBxL.transpose(1, 0, 2), truncated_BxT=batch.truncated_TxB.T,
+      onpolicy_BxT=batch.onpolicy_BxT, rewards_BxT=batch.rewards_BxT))
+  texts = hosts.allgather_texts([text for per_turn in batch.texts for text in per_turn])
+  local, turns = len(batch.problems), batch.turns
+  per_host = [texts[i:i + local * turns] for i in range(0, len(texts), local * turns)]
+  return Batch(problems=list(problems), prompt_BxP=arrays['prompt_BxP'],
+               prompt_valid_BxP=arrays['prompt_valid_BxP'],
+               tokens_TxBxL=arrays['tokens_BxTxL'].transpose(1, 0, 2),
+               valid_TxBxL=arrays['valid_BxTxL'].transpose(1, 0, 2),
+               truncated_TxB=arrays['truncated_BxT'].T.copy(),
+               onpolicy_BxT=arrays['onpolicy_BxT'], rewards_BxT=arrays['rewards_BxT'],
+               texts=[sum((h[t * local:(t + 1) * local] for h in per_host), [])
+                      for t in range(turns)])
+
+
 def loss_layout(batch: Batch, instr_I: np.ndarray) -> dict:
   """[prompt | y_1 | instr | y_2 | ... | y_T] -> tokens, valid and `turn` ([B, S]: t on
   the valid tokens of attempt t, 0 elsewhere), with rewards and on-policy flags."""
@@ -139,6 +167,7 @@ class Episodes:
     self.mesh = getattr(self.batch_sh, 'mesh', None)
     self.max_prompt_len, self.max_len = rollout_cfg.max_prompt_len, rollout_cfg.max_len
     self.instr_I = np.asarray(tok.encode(fmt.instruction_text(task)), np.int32)
+    self._instr_I = hosts.to_global(self.instr_I, self.repl_sh)  # on device once
     stops = formats.stop_ids(tok, fmt)
     self.stop_ids = sampling.stop_set(None, stops)
     self.turn_end = stops[-1]  # What ends a model turn: EOS, or <end_of_turn> in chat.
@@ -178,19 +207,26 @@ class Episodes:
                                sample_params, turns=turns, max_len=self.max_len,
                                stop_ids=self.stop_ids, pad_id=self.pad_id, instr_I=instr_I)
     return sharding.under_mesh(self.mesh, jax.jit(generate, in_shardings=(
-        self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh, self.repl_sh)))
+        self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh, self.repl_sh),
+        out_shardings=self.batch_sh))
 
   def _attempts(self, params, context_BxC, valid_BxC, rng, sample_params, turns, batch_size):
-    """`turns` attempts after the contexts, `batch_size` rows per compiled call (0 = all),
-    which bounds the KV cache's memory -> (tokens_TxBxL, valid_TxBxL, truncated_TxB)."""
-    n = batch_size or len(context_BxC)
+    """`turns` attempts after this process's contexts, `batch_size` rows of the global
+    batch per compiled call (0 = all), which bounds the KV cache's memory ->
+    (tokens_TxBxL, valid_TxBxL, truncated_TxB) of this process's rows. `rng`: a key
+    replicated on every device (hosts.key)."""
+    local = batch_size // jax.process_count() or len(context_BxC)
+    starts = range(0, len(context_BxC), local)
+    keys = [rng] if len(starts) == 1 else jax.random.split(rng, len(starts))
+    sample_params = hosts.to_global(tuple(np.asarray(v) for v in sample_params), self.repl_sh)
     parts = []
-    for start in range(0, len(context_BxC), n):
-      key = jax.random.fold_in(rng, start) if start else rng
-      samples = jax.device_get(self._generate(turns)(
-          params, context_BxC[start:start + n], valid_BxC[start:start + n], self.instr_I, key,
-          sample_params))
-      parts.append([np.stack([getattr(s, f) for s in samples])
+    for start, key in zip(starts, keys):
+      rows = slice(start, start + local)
+      samples = self._generate(turns)(
+          params, hosts.to_global(context_BxC[rows], self.batch_sh),
+          hosts.to_global(valid_BxC[rows], self.batch_sh), self._instr_I, key,
+          sampling.SampleParams(*sample_params))
+      parts.append([np.stack([hosts.local_rows(getattr(s, f)) for s in samples])
                     for f in ('tokens_BxT', 'valid_BxT', 'truncated_B')])
     return [np.concatenate([p[i] for p in parts], axis=1) for i in range(3)]
 

@@ -176,6 +176,8 @@ def _replace(tmp: str, path: str, write) -> None:
 def plot_table(results: Mapping[str, Mapping[str, float]], png_path: str | os.PathLike,
                title: str = 'Self-correction') -> None:
   """Grouped bars per model: Acc@t1, Acc@t2, Δi→c, Δc→i (percent); written atomically."""
+  if not _writes():
+    return
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -209,8 +211,17 @@ def _json_default(x: Any):
   raise TypeError(f'not JSON serialisable: {type(x).__name__}')
 
 
+def _writes() -> bool:
+  """Only process 0 writes the run's files (hosts.py); the metrics above stay NumPy-only."""
+  from score_jax import hosts
+  return hosts.is_writer()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """One JSON document (NumPy values allowed), written atomically."""
+  """One JSON document (NumPy values allowed), written atomically (by process 0)."""
+  if not _writes():
+    return
+
   def write(p):
     with open(p, 'w', encoding='utf-8') as f:
       json.dump(obj, f, indent=2, default=_json_default)
@@ -220,7 +231,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-  """One JSON object per line (NumPy values allowed), written atomically."""
+  """One JSON object per line (NumPy values allowed), written atomically (by process 0)."""
+  if not _writes():
+    return
+
   def write(p):
     with open(p, 'w', encoding='utf-8') as f:
       for row in rows:
@@ -274,14 +288,10 @@ def evaluate_params(episodes, params, problems: Sequence, turns: int, batch_size
                     temperature: float = 0.0) -> dict:
   """Self-correction metrics of `params` over `problems` (greedy by default), batch by
   batch, plus sample transcripts. The last batch is padded with repeats so every call has
-  the same shape (no recompile)."""
-  import jax  # Kept local: the metric functions above are NumPy-only.
-  from score_jax import sampling
-  sample_params = sampling.SampleParams.create(temperature)
+  the same shape (no recompile). Each process samples and scores its share of a batch."""
   rewards, attempts, truncated, rows = [], [[] for _ in range(turns)], [], []
   for start, problem_batch, n in padded_batches(problems, batch_size):
-    batch = episodes.score(episodes.sample(params, problem_batch, jax.random.key(start),
-                                           sample_params, turns))
+    batch = sample_scored(episodes, params, problem_batch, (start,), temperature, turns)
     rewards.append(batch.rewards_BxT[:n])
     truncated.append(batch.truncated_TxB[:, :n])
     for t in range(turns):
@@ -290,6 +300,27 @@ def evaluate_params(episodes, params, problems: Sequence, turns: int, batch_size
   write_jsonl(transcripts_path, rows)
   return self_correction_metrics(np.concatenate(rewards), attempts,
                                  np.concatenate(truncated, axis=1))
+
+
+def sample_scored(episodes, params, problems: Sequence, seed: tuple, temperature: float,
+                   turns: int):
+  """All of `problems` sampled and scored, each process its share; the whole batch."""
+  from score_jax import episodes as episodes_lib  # Kept local: the metrics are NumPy-only.
+  from score_jax import hosts
+  from score_jax import sampling
+  local = episodes.score(episodes.sample(params, hosts.local_share(problems), hosts.key(*seed),
+                                         sampling.SampleParams.create(temperature), turns))
+  return episodes_lib.gather(local, problems)
+
+
+def _repairs(episodes, params, problems: Sequence, first_attempts: Sequence[str],
+             seed: int) -> list[str]:
+  """Greedy second attempts after given first attempts, each process its share."""
+  from score_jax import hosts
+  from score_jax import sampling
+  return hosts.allgather_texts(episodes.repair(
+      params, hosts.local_share(problems), hosts.local_share(first_attempts), hosts.key(seed),
+      sampling.SampleParams.create(0.0)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,13 +340,11 @@ def evaluate_repair(episodes, params, path: str, batch_size: int,
                     transcripts_path: str | os.PathLike) -> dict:
   """MBPP-R (SCORE.md): the model corrects given first attempts, greedily; only the
   correction is scored."""
-  import jax
-  from score_jax import sampling
   repair, given_acc = _repair_set(episodes.task, path)
   texts = []
   for start, batch, n in padded_batches(repair.episodes, batch_size):
-    texts += episodes.repair(params, [e.problem for e in batch], [e.first_attempt for e in batch],
-                             jax.random.key(start), sampling.SampleParams.create(0.0))[:n]
+    texts += _repairs(episodes, params, [e.problem for e in batch],
+                      [e.first_attempt for e in batch], start)[:n]
   rewards = repair.score(texts)
   write_jsonl(transcripts_path, (dict(id=e.problem.id, first_attempt=e.first_attempt, y2=t, r2=r)
                                  for e, t, r in zip(repair.episodes, texts, rewards)))
@@ -350,17 +379,14 @@ def inference_scaling(episodes, params, problems: Sequence, max_k: int, batch_si
   Per problem: max_k two-attempt episodes and max_k more single first attempts, all at
   `temperature`; the curves use prefixes of them, so every K sees the same samples.
   """
-  import jax
-  from score_jax import sampling
-  sample_params = sampling.SampleParams.create(temperature)
   task, n = episodes.task, len(problems)
   repeated = [p for p in problems for _ in range(max_k)]  # problem-major: [n * max_k]
 
   def attempts(turns: int, salt: int):
     keys, rewards = [], []
     for start, batch, m in padded_batches(repeated, batch_size):
-      b = episodes.score(episodes.sample(params, batch, jax.random.key(seed * 7919 + salt + start),
-                                         sample_params, turns))
+      b = sample_scored(episodes, params, batch, (seed * 7919 + salt + start,), temperature,
+                         turns)
       keys += [[task.answer_key(b.texts[t][i]) for t in range(turns)] for i in range(m)]
       rewards += b.rewards_BxT[:m].tolist()
     shape = (n, max_k, turns)
@@ -382,10 +408,7 @@ def fixed_repair_accuracy(episodes, params, problems: Sequence, first_attempts: 
                           batch_size: int) -> float:
   """Greedy second attempts after the same given (wrong) first attempts, e.g. the base's:
   correction skill compared on the same mistakes for every model."""
-  import jax
-  from score_jax import sampling
   texts = []
   for start, batch, m in padded_batches(list(zip(problems, first_attempts)), batch_size):
-    texts += episodes.repair(params, [p for p, _ in batch], [a for _, a in batch],
-                             jax.random.key(start), sampling.SampleParams.create(0.0))[:m]
+    texts += _repairs(episodes, params, [p for p, _ in batch], [a for _, a in batch], start)[:m]
   return float(np.mean(episodes.task.rewards(texts, list(problems))))

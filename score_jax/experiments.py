@@ -34,9 +34,9 @@ from ml_collections import config_flags
 from score_jax import checkpoints
 from score_jax import config_defaults
 from score_jax import evaluate
+from score_jax import hosts
 from score_jax import recipes
 from score_jax import run as run_lib
-from score_jax import sampling
 
 # The paper's Table 2 (methods) and Table 4 (ablations), in its order.
 TABLE2 = ("self_refine", "star", "pair_sft", "score")
@@ -92,10 +92,10 @@ def _method_config(config, method: str, seed: int):
 def _base_mistakes(run, problems, path: str) -> list:
   """The base's greedy wrong first attempts on the held-out problems (saved once)."""
   if not os.path.exists(path):
-    batch = run.episodes.score(run.episodes.sample(
-        run.params_of("base"), problems, jax.random.key(0), sampling.SampleParams.create(0.0), 1))
+    batch = evaluate.sample_scored(run.episodes, run.params_of("base"), problems, (0,), 0.0, 1)
     evaluate.write_jsonl(path, (dict(id=p.id, first_attempt=batch.texts[0][i])
                                 for i, p in enumerate(problems) if batch.rewards_BxT[i, 0] < 0.5))
+  hosts.sync("base mistakes written")
   with open(path) as f:
     wrong = {d["id"]: d["first_attempt"] for d in map(json.loads, f)}
   return [(p, wrong[p.id]) for p in problems if p.id in wrong]

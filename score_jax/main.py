@@ -21,8 +21,17 @@ from score_jax.recipes import ConfigError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (a Python module).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer and reports.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host TPU slice: call jax.distributed.initialize() first "
-    "(launch/tpu_vm.sh sets it for slices of more than one host).")
+    "distributed", False, "Several processes (the hosts of a slice): call "
+    "jax.distributed.initialize() first (launch/tpu_vm.sh sets it for slices of more than "
+    "one host; on TPU and GPU clusters it finds its peers by itself).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "With --distributed, where no cluster is detected (e.g. several "
+    "processes on one machine): host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "With --distributed: seconds after which a process that "
+    "stopped answering is declared dead and the others exit with an error.")
 
 
 def main(argv):
@@ -34,7 +43,10 @@ def main(argv):
   if not workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/demo")
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    # CPU collectives between processes (tests, one-machine runs); TPU and GPU ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT.value)
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO.
     logging.set_verbosity(logging.WARNING)
   try:

@@ -23,6 +23,7 @@ import numpy as np
 from score_jax import checkpoints
 from score_jax import episodes as episodes_lib
 from score_jax import evaluate
+from score_jax import hosts
 from score_jax import recipes
 from score_jax import sft_data
 from score_jax import train
@@ -59,8 +60,9 @@ class Run:
     self.episodes = episodes_lib.Episodes(s.model, (s.param_sh, s.batch_sh, s.repl_sh), self.tok,
                                           self.task, self.fmt, config.rollout)
     self.by_name = {p.name: p for p in self.phases}
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    if hosts.is_writer():
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
 
   def close(self):
     self.task.close()  # Verifier workers.
@@ -126,7 +128,7 @@ class Run:
       return dict(results[same_as], phase=name, same_as=same_as)
     digest = self.fingerprints[name][0] if name in self.fingerprints else None
     path = os.path.join(self.workdir, "eval", f"{name}.json")
-    if os.path.exists(path):  # Already evaluated with these params and settings.
+    if hosts.agree(os.path.exists(path)):  # Already evaluated with these params and settings.
       with open(path) as f:
         r = json.load(f)
       if (r.get("checkpoint_step") == step and r.get("fingerprint") == digest
@@ -146,21 +148,22 @@ def load_or_train_tokenizer(run: Run) -> Tokenizer:
   if config.tokenizer.path:  # SentencePiece, tokenizer.json or a GGUF file's metadata.
     return load_tokenizer(config.tokenizer.path)
   path = os.path.join(run.workdir, "tokenizer.model")
-  if os.path.exists(path):
-    return Tokenizer.load(path)
-  rng = np.random.default_rng([config.seed, 99])
-  n = config.tokenizer.corpus_size
-  instruction = fmt.instruction_text(task)
-  if any(p.kind == "sft" and p.cfg.data == "transcripts" and p.steps for p in run.phases):
-    # An embedded base model: the transcripts it is trained on.
-    texts = [fmt.prompt_text(task, p) + instruction.join(attempts)
-             for p, attempts in task.base_transcripts(rng, n, run.turns)]
-  else:  # A tiny model on a real task (tests, smoke runs): the task's own text.
-    texts = [instruction] + [fmt.prompt_text(task, p) for p in task.train_problems(rng, n)]
-    texts += list(task.corpus(rng, n))
-  print(f"training the tokenizer on {len(texts)} texts -> {path}", flush=True)
-  return Tokenizer.train(texts, config.tokenizer.vocab_size, path,
-                         user_defined_symbols=fmt.special_pieces)
+  if hosts.is_writer() and not os.path.exists(path):  # The other processes read its file.
+    rng = np.random.default_rng([config.seed, 99])
+    n = config.tokenizer.corpus_size
+    instruction = fmt.instruction_text(task)
+    if any(p.kind == "sft" and p.cfg.data == "transcripts" and p.steps for p in run.phases):
+      # An embedded base model: the transcripts it is trained on.
+      texts = [fmt.prompt_text(task, p) + instruction.join(attempts)
+               for p, attempts in task.base_transcripts(rng, n, run.turns)]
+    else:  # A tiny model on a real task (tests, smoke runs): the task's own text.
+      texts = [instruction] + [fmt.prompt_text(task, p) for p in task.train_problems(rng, n)]
+      texts += list(task.corpus(rng, n))
+    print(f"training the tokenizer on {len(texts)} texts -> {path}", flush=True)
+    Tokenizer.train(texts, config.tokenizer.vocab_size, path,
+                    user_defined_symbols=fmt.special_pieces)
+  hosts.sync("tokenizer written")
+  return Tokenizer.load(path)
 
 
 def check_model_matches(model_cfg: ModelConfig, checkpoint_fields: dict, where: str):

@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from score_jax import model as model_lib
 
@@ -28,7 +29,8 @@ class SampleParams(NamedTuple):
 
   @classmethod
   def create(cls, temperature=0.0, top_k=0, top_p=1.0) -> 'SampleParams':
-    return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    # Host scalars: the caller puts them on device (explicitly, episodes.py).
+    return cls(np.float32(temperature), np.int32(top_k), np.float32(top_p))
 
 
 @flax.struct.dataclass

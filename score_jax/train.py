@@ -23,6 +23,7 @@ import optax
 from score_jax import checkpoints
 from score_jax import episodes as episodes_lib
 from score_jax import evaluate
+from score_jax import hosts
 from score_jax import objective
 from score_jax import optimizer
 from score_jax import sampling
@@ -120,8 +121,9 @@ class Setup:
     self.mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     self.model = Transformer(ModelConfig.from_config(config.model))
     self.batch_sh = sharding.batch_sharding(self.mesh)
+    hosts.check_layout(self.batch_sh)
     self.repl_sh = sharding.replicated(self.mesh)
-    self.abstract_params = jax.eval_shape(self._init_params, jax.random.key(0))
+    self.abstract_params = jax.eval_shape(lambda: self._init_params(jax.random.key(0)))
     self.param_sh = sharding.param_shardings(self.mesh, self.abstract_params, config.sharding_rules)
     self.float32_master = jnp.dtype(config.model.param_dtype) != jnp.float32
 
@@ -132,7 +134,7 @@ class Setup:
                            causal_attention_mask(valid))["params"]
 
   def init_params(self, seed: int):
-    return jax.jit(self._init_params, out_shardings=self.param_sh)(jax.random.key(seed))
+    return jax.jit(self._init_params, out_shardings=self.param_sh)(hosts.key(seed))
 
   def restore_params(self, directory: str, step: Optional[int] = None):
     ckpt = checkpoints.Checkpointer(directory)
@@ -259,8 +261,7 @@ def train_phase(setup: Setup, phase, tx, step_fn: Callable, batch_fn: Callable,
 def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, state_sh,
           ref_params, kl, best):
   cfg, name, steps = setup.config, phase.name, phase.steps
-  state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), setup.repl_sh), params,
-                     opt_state)
+  state = TrainState(hosts.to_global(np.int32(start), setup.repl_sh), params, opt_state)
   ref_sh = None if ref_params is None else setup.param_sh
   jitted = None
   writer = writers.MetricWriter(setup.workdir, name, steps, cfg.log_every, resume_step=start)
@@ -282,8 +283,8 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
         jitted = sharding.under_mesh(setup.mesh, jax.jit(
             step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
             out_shardings=(state_sh, setup.repl_sh), donate_argnums=0))
-      n_tokens = int(np.sum(batch["valid"]))
-      state, m = jitted(state, ref_params, jax.device_put(batch, batch_sh))
+      n_tokens = hosts.sum_scalars(dict(n=int(np.sum(batch["valid"]))))["n"]
+      state, m = jitted(state, ref_params, hosts.to_global(batch, batch_sh))
       m = jax.device_get(m)
       dt = time.time() - t0
       writer.write(step + 1, dict(m, **host_metrics, step_time=dt, tokens_per_s=n_tokens / dt))
@@ -324,32 +325,40 @@ def host_metrics(batch: episodes_lib.Batch) -> dict:
 
 def rl_batch_fn(setup: Setup, eps: episodes_lib.Episodes, phase, ref_params):
   """Step `step`'s episodes: problems and random numbers from (seed, phase, step); the last
-  `offline_turn1` share of RLOO groups takes its first attempt from the reference."""
+  `offline_turn1` share of RLOO groups takes its first attempt from the reference.
+
+  Each process samples and scores its share of the groups (hosts.py) and returns its rows
+  of the loss batch; the metrics are those of the whole batch, on every process."""
   cfg, rl, r = setup.config, setup.config.rl, setup.config.rollout
   sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
   n_offline = round(phase.cfg.offline_turn1 * rl.num_prompts) * rl.samples_per_prompt
+  n_offline //= jax.process_count()  # Each process's share (config_defaults.check).
 
   def batch_fn(params, step):
     problems = episodes_lib.rl_problems(eps.task, cfg.seed, phase.index, step, rl.num_prompts,
                                         rl.samples_per_prompt)
-    key = jax.random.fold_in(jax.random.key(cfg.seed), phase.index * 1_000_003 + step)
+    mine = hosts.local_share(problems)
+    salt = phase.index * 1_000_003 + step
     t0 = time.time()
-    online = problems[:len(problems) - n_offline]
-    parts = [eps.sample(params, online, key, sample_params, phase.turns, r.batch_size)]
+    online = mine[:len(mine) - n_offline]
+    parts = [eps.sample(params, online, hosts.key(cfg.seed, salt), sample_params, phase.turns,
+                        r.batch_size)]
     if n_offline:
-      first = eps.sample(ref_params, problems[len(online):], jax.random.fold_in(key, 1), sample_params,
-                         1, r.batch_size)
-      parts.append(eps.continue_from(params, first, jax.random.fold_in(key, 2), sample_params,
+      first = eps.sample(ref_params, mine[len(online):], hosts.key(cfg.seed, salt, 1),
+                         sample_params, 1, r.batch_size)
+      parts.append(eps.continue_from(params, first, hosts.key(cfg.seed, salt, 2), sample_params,
                                      phase.turns, r.batch_size))
     batch = eps.score(episodes_lib.concatenate(parts) if n_offline else parts[0])
     t_sample = time.time() - t0
     layout = episodes_lib.loss_layout(batch, eps.instr_I)
     if not n_offline:
       del layout["onpolicy"]  # All on-policy: the loss needs no mask.
-    new_tokens = float(batch.lengths_TxB().sum())
-    metrics = dict(host_metrics(batch), sample_time=t_sample,
+    whole = episodes_lib.gather(batch, problems)
+    new_tokens = float(whole.lengths_TxB().sum())
+    metrics = dict(host_metrics(whole), sample_time=t_sample,
                    sample_tokens_per_s=new_tokens / t_sample)
-    metrics.update(eps.task.reward_stats())  # Cumulative: a rising count shows hacking.
+    # Cumulative, summed over the hosts' verifiers: a rising count shows hacking.
+    metrics.update(hosts.sum_scalars(eps.task.reward_stats()))
     return layout, metrics
   return batch_fn
 
@@ -377,7 +386,7 @@ def sft_phase(setup: Setup, eps, phase, init_params: Callable, rows_fn: Callable
   step_fn = functools.partial(sft_step, setup.model, tx, cfg.rl.logprob_chunk, tuple(p.loss_turns))
 
   def batch_fn(params, step):
-    rows = rows_fn(params, step)
+    rows = hosts.local_share(rows_fn(params, step))  # This process's rows.
     layout = episodes_lib.loss_layout(
         eps.transcript_batch([q for q, _, _ in rows], [a for _, a, _ in rows]), eps.instr_I)
     trained_BxT = np.asarray([m for _, _, m in rows], bool)
