@@ -14,8 +14,8 @@ These functions are the explicit host<->device copies of the loop: the rest of i
 under `jax.transfer_guard("disallow")` (tests/hosts_test.py), so a hidden copy (a NumPy
 array handed to a jitted function, `np.asarray` of a device array) raises.
 
-All processes must see the same workdir (a `gs://` bucket on a pod), as Orbax's
-multi-process checkpoints do; only process 0 writes the run's files.
+All processes must see the same workdir (a gcsfuse mount of a bucket on a pod), as
+Orbax's multi-process checkpoints do; only process 0 writes the run's files.
 """
 from __future__ import annotations
 

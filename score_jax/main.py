@@ -42,6 +42,11 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   if not workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/demo")
+  if "://" in workdir:
+    # Checkpoints and metrics could go to a URL, but the run's other files (config,
+    # tokenizer, evaluation, transcripts) are written with local file calls.
+    raise app.UsageError(f"--workdir={workdir}: a URL workdir is not supported; mount the "
+                         "bucket (e.g. gcsfuse) and give its local path")
   if _DISTRIBUTED.value:
     # CPU collectives between processes (tests, one-machine runs); TPU and GPU ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -147,6 +147,14 @@ def test_bad_config_names_the_field(tmp_path, override, field):
   assert f"config.{field}" in out.stderr, out.stderr[-2000:]
 
 
+def test_url_workdir_is_refused_by_name():
+  out = subprocess.run(_cmd("gs://bucket/runs/demo"), cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode != 0
+  assert "--workdir=gs://bucket/runs/demo: a URL workdir is not supported" in out.stderr
+  assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing made under a mangled path
+
+
 def test_zero_step_phase_eval_mode_and_changed_settings(tmp_path):
   """A phase of 0 steps is its init's params: trained and evaluated without a checkpoint,
   and --config.mode=eval handles it; a workdir trained under other settings is refused."""
