@@ -303,7 +303,7 @@ def evaluate_params(episodes, params, problems: Sequence, turns: int, batch_size
 
 
 def sample_scored(episodes, params, problems: Sequence, seed: tuple, temperature: float,
-                   turns: int):
+                  turns: int):
   """All of `problems` sampled and scored, each process its share; the whole batch."""
   from score_jax import episodes as episodes_lib  # Kept local: the metrics are NumPy-only.
   from score_jax import hosts
@@ -386,7 +386,7 @@ def inference_scaling(episodes, params, problems: Sequence, max_k: int, batch_si
     keys, rewards = [], []
     for start, batch, m in padded_batches(repeated, batch_size):
       b = sample_scored(episodes, params, batch, (seed * 7919 + salt + start,), temperature,
-                         turns)
+                        turns)
       keys += [[task.answer_key(b.texts[t][i]) for t in range(turns)] for i in range(m)]
       rewards += b.rewards_BxT[:m].tolist()
     shape = (n, max_k, turns)

@@ -65,7 +65,7 @@ def to_global(tree, shardings) -> Any:
   replicated ones) -> global arrays on `shardings` (one, or a tree of them)."""
   if not isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x, s: to_global(x, s), tree, shardings)
-  with jax.transfer_guard("allow"):  # The loop's one host-to-device copy, on purpose.
+  with jax.transfer_guard("allow"):  # Explicit, unlike a NumPy array handed to jit.
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(shardings, np.asarray(x)), tree)
 
@@ -73,12 +73,12 @@ def to_global(tree, shardings) -> Any:
 def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a global array split along its first axis, as host NumPy
   (each row once, though devices of a `model` axis hold copies of it)."""
+  if x.ndim == 0:
+    return jax.device_get(x)
   by_start = {}
   for shard in x.addressable_shards:
-    by_start.setdefault(shard.index[0].start or 0, shard.data) if x.ndim else None
-  if not by_start:  # A scalar, or replicated: every process holds all of it.
-    return np.asarray(jax.device_get(x))
-  return np.concatenate([np.asarray(jax.device_get(by_start[k])) for k in sorted(by_start)])
+    by_start.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([jax.device_get(by_start[k]) for k in sorted(by_start)])
 
 
 def allgather(tree) -> Any:

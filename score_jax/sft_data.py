@@ -70,9 +70,9 @@ def self_generated_rows(config, eps, phase, directory: str):
   """STaR / Pair-SFT data: at the start of each of `rounds` equal parts of the phase,
   `samples / rounds` episodes drawn from the current params (at the rollout temperature)
   and filtered (star_rows / pair_rows); saved as <directory>/round<r>.jsonl, so a
-  resumed phase trains on the same data. Every process holds all rows (the sampled
-  episodes are gathered) and takes its share of each batch (train.sft_phase). Batches are drawn from the round's rows with
-  (seed, phase, step)."""
+  resumed phase trains on the same data. Batches are drawn from the round's rows with
+  (seed, phase, step). Every process samples its share, holds all rows (the episodes
+  are gathered) and trains on its share of each batch (train.sft_phase)."""
   cfg, p, rl, r = config, phase.cfg, config.rl, config.rollout
   sample_params = sampling.SampleParams.create(r.temperature, r.top_k, r.top_p)
   per_call = rl.num_prompts * rl.samples_per_prompt
@@ -86,8 +86,9 @@ def self_generated_rows(config, eps, phase, directory: str):
       problems = [q for q in eps.task.train_problems(rng, rl.num_prompts)
                   for _ in range(rl.samples_per_prompt)]
       key = hosts.key(cfg.seed, phase.index * 1_000_003 + 500_000 + sampled)
-      batch = episodes_lib.gather(eps.score(eps.sample(  # Each process samples its share.
-          params, hosts.local_share(problems), key, sample_params, turns, r.batch_size)), problems)
+      mine = eps.score(eps.sample(params, hosts.local_share(problems), key, sample_params, turns,
+                                  r.batch_size))
+      batch = episodes_lib.gather(mine, problems)
       rows += (pair_rows(batch, rl.samples_per_prompt, rng) if p.data == "pair"
                else star_rows(batch, p.data))
       sampled += per_call
