@@ -167,7 +167,6 @@ class Episodes:
     self.mesh = getattr(self.batch_sh, 'mesh', None)
     self.max_prompt_len, self.max_len = rollout_cfg.max_prompt_len, rollout_cfg.max_len
     self.instr_I = np.asarray(tok.encode(fmt.instruction_text(task)), np.int32)
-    self._instr_I = hosts.to_global(self.instr_I, self.repl_sh)  # on device once
     stops = formats.stop_ids(tok, fmt)
     self.stop_ids = sampling.stop_set(None, stops)
     self.turn_end = stops[-1]  # What ends a model turn: EOS, or <end_of_turn> in chat.
@@ -200,6 +199,10 @@ class Episodes:
 
   # -- sampling -------------------------------------------------------------------------
 
+  @functools.cached_property
+  def _instr_on_device(self):
+    return hosts.to_global(self.instr_I, self.repl_sh)
+
   @functools.lru_cache(maxsize=None)
   def _generate(self, turns: int):
     def generate(params, context_BxC, valid_BxC, instr_I, rng, sample_params):
@@ -224,7 +227,7 @@ class Episodes:
       rows = slice(start, start + local)
       samples = self._generate(turns)(
           params, hosts.to_global(context_BxC[rows], self.batch_sh),
-          hosts.to_global(valid_BxC[rows], self.batch_sh), self._instr_I, key,
+          hosts.to_global(valid_BxC[rows], self.batch_sh), self._instr_on_device, key,
           sampling.SampleParams(*sample_params))
       parts.append([np.stack([hosts.local_rows(getattr(s, f)) for s in samples])
                     for f in ('tokens_BxT', 'valid_BxT', 'truncated_B')])
