@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from e2e_test import _metrics  # metrics.jsonl rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on one-digit sums: 60 base steps make it right on some sampled attempts, so
@@ -61,14 +62,6 @@ def _start_two(workdir, logs):
        f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}",
        "--heartbeat_timeout=10"], cwd=REPO, env=_env(4), stdout=logs[i], stderr=subprocess.STDOUT)
       for i in range(2)]
-
-
-def _metrics(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _params(workdir, phase, step):
