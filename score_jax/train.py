@@ -284,10 +284,13 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
             step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
             out_shardings=(state_sh, setup.repl_sh), donate_argnums=0))
       n_tokens = hosts.sum_scalars(dict(n=int(np.sum(batch["valid"]))))["n"]
+      t_train = time.time()
       state, m = jitted(state, ref_params, hosts.to_global(batch, batch_sh))
       m = jax.device_get(m)
-      dt = time.time() - t0
-      writer.write(step + 1, dict(m, **host_metrics, step_time=dt, tokens_per_s=n_tokens / dt))
+      t_train, dt = time.time() - t_train, time.time() - t0
+      # step_time = sample + score + train + the host's share (gathers, layout, metrics).
+      writer.write(step + 1, dict(m, **host_metrics, step_time=dt, train_time=t_train,
+                                  tokens_per_s=n_tokens / dt))
       meta = dict(phase=name)
       if kl is not None:
         kl.update(m)
@@ -348,14 +351,15 @@ def rl_batch_fn(setup: Setup, eps: episodes_lib.Episodes, phase, ref_params):
                          sample_params, 1, r.batch_size)
       parts.append(eps.continue_from(params, first, hosts.key(cfg.seed, salt, 2), sample_params,
                                      phase.turns, r.batch_size))
-    batch = eps.score(episodes_lib.concatenate(parts) if n_offline else parts[0])
     t_sample = time.time() - t0
+    batch = eps.score(episodes_lib.concatenate(parts) if n_offline else parts[0])
+    t_score = time.time() - t0 - t_sample
     layout = episodes_lib.loss_layout(batch, eps.instr_I)
     if not n_offline:
       del layout["onpolicy"]  # All on-policy: the loss needs no mask.
     whole = episodes_lib.gather(batch, problems)
     new_tokens = float(whole.lengths_TxB().sum())
-    metrics = dict(host_metrics(whole), sample_time=t_sample,
+    metrics = dict(host_metrics(whole), sample_time=t_sample, score_time=t_score,
                    sample_tokens_per_s=new_tokens / t_sample)
     # Cumulative, summed over the hosts' verifiers: a rising count shows hacking.
     metrics.update(hosts.sum_scalars(eps.task.reward_stats()))

@@ -114,7 +114,7 @@ class MetricWriter:
 
 
 _CONSOLE = ("loss", "r1", "r2", "delta", "kl1", "kl2", "entropy", "edit_ratio", "step_time",
-            "tokens_per_s")
+            "sample_time", "score_time", "train_time", "tokens_per_s")
 
 
 def _duration(seconds: float) -> str:

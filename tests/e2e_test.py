@@ -103,7 +103,8 @@ def test_pipeline_kill_resume_and_eval(tmp_path):
   out = subprocess.run(_cmd(fresh), cwd=REPO, env=_env(), capture_output=True, text=True,
                        timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  volatile = ("time", "step_time", "tokens_per_s", "sample_time", "sample_tokens_per_s")
+  volatile = ("time", "step_time", "tokens_per_s", "sample_time", "score_time", "train_time",
+              "sample_tokens_per_s")
   def last_by_step(rows_):  # After a resume a step may appear twice; the last one counts.
     return {(m["phase"], m["step"]): {k: v for k, v in m.items() if k not in volatile}
             for m in rows_}

@@ -37,7 +37,8 @@ TINY = [
     "--config.checkpoint.every=4", "--config.log_every=1",
 ]
 # Wall-clock timing and the step counter's ETA differ between runs; everything else must not.
-TIMING = {"time", "step_time", "tokens_per_s", "sample_time", "sample_tokens_per_s"}
+TIMING = {"time", "step_time", "tokens_per_s", "sample_time", "score_time", "train_time",
+          "sample_tokens_per_s"}
 # How long the surviving process may take to notice that its peer died and exit: the
 # heartbeat timeout passed to jax.distributed (10 s) plus its reporting.
 DEATH_NOTICED_S = 60

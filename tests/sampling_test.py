@@ -247,3 +247,29 @@ def test_cache_overflow_stops_decoding_and_truncates():
                               sampling.SampleParams.create(), T, (-1,))
   np.testing.assert_array_equal(sample.lengths_B, [3] * len(PROMPTS))
   assert np.asarray(sample.truncated_B).all()
+
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, 0, 1.0), (0.7, 3, 1.0),
+                                                     (1.3, 0, 0.8)])
+def test_sampled_frequencies_match_the_filtered_softmax(temperature, top_k, top_p):
+  """40,000 draws from one row of logits against the exact distribution, computed here in
+  float64: every token within 5 binomial standard deviations, filtered tokens never."""
+  V, N = 12, 40_000
+  logits_V = np.asarray(jax.random.normal(jax.random.key(3), (V,)) * 2, np.float64)
+  logits_V[4] = -60.0  # a token of ~0 probability stays ~never drawn
+  sp = sampling.SampleParams.create(temperature, top_k, top_p)
+  logits_NxV = jnp.asarray(np.broadcast_to(logits_V, (N, V)), jnp.float32)
+  tokens = np.asarray(jax.jit(sampling.sample_token, static_argnums=3)(
+      logits_NxV, jax.random.key(11), sp, 0))
+  order = np.argsort(-np.where(np.arange(V) == 0, -np.inf, logits_V))  # never_id 0 last
+  probs = np.exp((logits_V - logits_V.max()) / temperature)
+  keep = np.isin(np.arange(V), order[:top_k or V - 1])
+  probs = np.where(keep, probs, 0)
+  probs /= probs.sum()
+  sorted_probs = probs[order]
+  n = max(1, int(np.sum((np.cumsum(sorted_probs) - sorted_probs < top_p) & (sorted_probs > 0))))
+  probs = np.where(np.isin(np.arange(V), order[:n]), probs, 0)
+  probs /= probs.sum()
+  freq = np.bincount(tokens, minlength=V) / N
+  assert (freq[probs == 0] == 0).all()
+  np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / N) + 1e-9)
