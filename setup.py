@@ -16,6 +16,8 @@ TFDS = ["tensorflow-datasets", "array-record",
 # resume test reads the event files back through.
 TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors", "accelerate",
         "tensorboard"] + TFDS
+# `bench`: the peers that bench/bench_peers.py times ours against, on the same weights.
+BENCH = ["torch==2.13.0", "transformers>=4.50", "safetensors"]
 # `gcs`: gs:// workdirs. Orbax and the JSONL writer reach them through etils.epath (gcsfs),
 # tensorboardX through google-cloud-storage.
 GCS = ["gcsfs", "google-cloud-storage"]
@@ -57,5 +59,5 @@ setuptools.setup(
         # Levenshtein distance in C (the edit-distance ratio between attempts).
         "rapidfuzz",
     ],
-    extras_require={"tfds": TFDS, "test": TEST, "gcs": GCS},
+    extras_require={"tfds": TFDS, "test": TEST, "gcs": GCS, "bench": BENCH},
 )

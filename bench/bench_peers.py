@@ -1,0 +1,248 @@
+"""score_jax against Hugging Face transformers on the same random model, side by side.
+
+  pip install -e '.[bench]'
+  python bench/bench_peers.py                        # small, medium, smollm2 shapes
+  python bench/bench_peers.py --sizes smollm2 --iters 3
+  python bench/bench_peers.py --quick                # tiny smoke run
+
+One process builds a random model in our layout, writes it as an HF checkpoint
+(`weights/mapping.hf_tensors`, `weights/hf_config`: the export path) and loads it with
+transformers (float32, SDPA attention, torch with as many threads as JAX has cores), then
+times in turn:
+- the sampler: our jitted KV-cached loop against HF `generate` (cached, left-padded batch,
+  no EOS so both produce all T tokens), greedy and at temperature 1; the greedy tokens of
+  the two are compared as a check that both run the same network;
+- ragged rollouts: lengths drawn from a spread where most attempts stop early and about
+  5% run to T. Today both loops keep every row of a batch decoding until its longest row
+  stops, so a batch costs T decode steps; the figure is useful (non-pad) tokens/s;
+- the RL train step: our `train.rl_step` (Stage II: reference forward, policy forward and
+  backward, per-token KL, Adam) against the same computation written in PyTorch;
+- a float32 matmul reference at the start and at the end (the machine is noisy: read the
+  ratios, and trust a run whose two references agree).
+Each time is the median of --iters calls after a warm-up call (compilation excluded).
+"""
+import argparse
+import functools
+import json
+import os
+import shlex
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+import bench_core  # bench/ is on sys.path when run as a script
+from score_jax import config_defaults
+from score_jax import model as model_lib
+from score_jax import optimizer
+from score_jax import presets
+from score_jax import recipes
+from score_jax import sampling
+from score_jax import train
+from score_jax.weights import hf as hf_lib
+from score_jax.weights import hf_config
+from score_jax.weights import mapping
+
+# name -> ModelConfig fields. small / medium: bench_core's Gemma-style shapes (vocab 512);
+# smollm2: SmolLM2-135M (Llama layout, grouped-query attention, vocab 49,152).
+SIZES = {
+    'tiny': dict(vocab_size=512, embed_dim=64, hidden_dim=256, num_layers=2, num_heads=1,
+                 num_kv_heads=1, head_dim=64),
+    'small': dict(vocab_size=512, embed_dim=256, hidden_dim=1024, num_layers=4, num_heads=4,
+                  num_kv_heads=1, head_dim=64),
+    'medium': dict(vocab_size=512, embed_dim=512, hidden_dim=2048, num_layers=8, num_heads=8,
+                   num_kv_heads=1, head_dim=64),
+    'smollm2': presets.get('smollm2_135m'),
+}
+
+
+def build(size: str, rng):
+  """(our model, our params, HF model) with the same random weights."""
+  cfg = model_lib.ModelConfig(**{**SIZES[size], 'dtype': 'float32', 'param_dtype': 'float32',
+                                 'remat': False})
+  abstract = mapping.abstract_params(cfg)
+  # Norm scales around the identity (Gemma stores them as offsets from 1, Llama as is).
+  one = 0.0 if cfg.norm_plus_one else 1.0
+  params = jax.tree.map_with_path(
+      lambda path, x: ('scale' in jax.tree_util.keystr(path)) * one
+      + 0.05 * rng.standard_normal(x.shape, np.float32), abstract)
+  with tempfile.TemporaryDirectory() as d:
+    hf_lib.write_safetensors(mapping.hf_tensors(params), os.path.join(d, 'model.safetensors'))
+    with open(os.path.join(d, 'config.json'), 'w') as f:
+      json.dump(hf_config.hf_config_from_model(cfg), f)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32, attn_implementation='sdpa').eval()
+  return model_lib.Transformer(cfg), jax.tree.map(jnp.asarray, params), hf
+
+
+def torch_timed(fn, iters):
+  with torch.no_grad():
+    return bench_core.timed(fn, iters)
+
+
+def ragged_lengths(rng, B, T):
+  """Attempt lengths: ~5% run to T, the rest stop after T/8..T/3 tokens."""
+  long = rng.random(B) < 0.05
+  long[rng.integers(B)] = True  # a batch of 64 has one in 96% of draws; fix it at >= 1
+  return np.where(long, T, rng.integers(max(T // 8, 1), T // 3 + 1, size=B))
+
+
+def bench_sampler(model, params, hf, a, rng, out):
+  B, P, T = a.batch, a.prompt_len, a.new_tokens
+  prompt, prompt_valid = bench_core.random_prompts(rng, B, P)
+  variables = {'params': params}
+
+  @functools.partial(jax.jit, static_argnums=4)
+  def ours(variables, prompt, prompt_valid, key, n, sample_params):
+    state = sampling.start(model, variables, prompt, prompt_valid, cache_size=P + n)
+    return sampling.decode(model, variables, state, key, sample_params, n, (-1,))[1]
+
+  hf_ids = torch.tensor(np.asarray(prompt), dtype=torch.long)
+  hf_mask = torch.tensor(np.asarray(prompt_valid), dtype=torch.long)
+
+  def theirs(do_sample, n):
+    return hf.generate(hf_ids, attention_mask=hf_mask, do_sample=do_sample, temperature=1.0,
+                       top_k=0, top_p=1.0, max_new_tokens=n, min_new_tokens=n,
+                       eos_token_id=None, pad_token_id=0, suppress_tokens=[0])
+
+  for name, temp in (('greedy', 0.0), ('temp 1.0', 1.0)):
+    sp = sampling.SampleParams.create(temperature=temp)
+    t_ours, _ = bench_core.timed(lambda: ours(variables, prompt, prompt_valid,
+                                              jax.random.key(0), T, sp), a.iters)
+    t_hf, _ = torch_timed(lambda: theirs(temp > 0, T), a.iters)
+    n = B * T
+    print(f'  sampler {name:8s}: score_jax {n / t_ours:9,.0f} new tok/s | HF generate '
+          f'{n / t_hf:9,.0f} new tok/s | ratio {t_hf / t_ours:5.2f}x')
+    out[f'sampler {name}'] = t_hf / t_ours
+  with torch.no_grad():
+    hf_greedy = theirs(False, T)[:, P:].numpy()
+  greedy = sampling.SampleParams.create()
+  our_greedy = np.asarray(ours(variables, prompt, prompt_valid, jax.random.key(0), T,
+                               greedy).tokens_BxT)
+  # Random weights make near-ties common; float32 sums in another order flip some of them,
+  # and a row differs from its first flip on: at large sizes read the first token's share.
+  out['greedy agreement'] = float(np.mean(hf_greedy == our_greedy))
+  print(f'  greedy tokens identical to HF: {100 * out["greedy agreement"]:.1f}% '
+        f'(first token {100 * np.mean(hf_greedy[:, 0] == our_greedy[:, 0]):.1f}%)')
+
+  # Ragged: both loops run the batch until its longest row stops (T steps here).
+  lengths = ragged_lengths(rng, B, T)
+  useful = int(lengths.sum())
+  sp = sampling.SampleParams.create(temperature=1.0)
+  t_ours, _ = bench_core.timed(lambda: ours(variables, prompt, prompt_valid,
+                                            jax.random.key(0), int(lengths.max()), sp), a.iters)
+  t_hf, _ = torch_timed(lambda: theirs(True, int(lengths.max())), a.iters)
+  print(f'  ragged   temp 1.0: {useful} useful of {B * T} slots ({100 * useful / (B * T):.0f}%):'
+        f' score_jax {useful / t_ours:9,.0f} useful tok/s | HF {useful / t_hf:9,.0f} | '
+        f'ratio {t_hf / t_ours:5.2f}x')
+  out['ragged useful share'] = useful / (B * T)
+  out['ragged'] = t_hf / t_ours
+
+
+def hf_rl_step(hf, ref, opt, batch, beta=0.01):
+  """The RL step in PyTorch: reference and policy log-probs of the taken tokens, the
+  REINFORCE term with per-episode advantages on the answer tokens, a per-token KL to the
+  reference, backward, clip, Adam (our Stage II loss, without its per-turn bookkeeping)."""
+  tokens, valid = batch['tokens'], batch['valid']
+  mask = batch['answer'][:, 1:]
+  with torch.no_grad():
+    ref_logp = torch.log_softmax(ref(tokens, attention_mask=valid).logits[:, :-1], -1)
+    ref_logp = ref_logp.gather(-1, tokens[:, 1:, None])[..., 0]
+  logits = hf(tokens, attention_mask=valid).logits[:, :-1]
+  logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]
+  kl = logp - ref_logp
+  per_token = -batch['adv'][:, None] * logp + beta * kl
+  loss = (per_token * mask).sum() / mask.sum()
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+  opt.step()
+  opt.zero_grad(set_to_none=True)
+  return loss
+
+
+def bench_train(model, params, hf, a, rng, out):
+  B, L = a.train_batch or a.batch, a.train_len
+  batch = bench_core.rl_batch(rng, B, L)
+  tx = optimizer.make_optimizer(1e-6, 1.0)
+  loss_cfg = recipes.resolve(config_defaults.get_config())[2].objective  # Stage II
+  step = jax.jit(functools.partial(train.rl_step, model, tx, a.chunk, loss_cfg),
+                 donate_argnums=0)
+  ref = jax.tree.map(jnp.copy, params)
+  box = [train.TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params))]
+
+  def ours():
+    box[0], m = step(box[0], ref, batch)
+    return m['loss']
+  t_ours, _ = bench_core.timed(ours, a.iters)
+
+  ref_hf = type(hf)(hf.config).eval()
+  ref_hf.load_state_dict(hf.state_dict())
+  for p in ref_hf.parameters():
+    p.requires_grad_(False)
+  hf.train()
+  opt = torch.optim.Adam(hf.parameters(), lr=1e-6)
+  turn = np.asarray(batch['turn'])
+  rewards = np.asarray(batch['rewards'])
+  tb = dict(tokens=torch.tensor(np.asarray(batch['tokens']), dtype=torch.long),
+            valid=torch.tensor(np.asarray(batch['valid']), dtype=torch.long),
+            answer=torch.tensor(turn > 0, dtype=torch.float32),
+            adv=torch.tensor(rewards.sum(1) - rewards.sum(1).mean(), dtype=torch.float32))
+  t_hf, _ = bench_core.timed(lambda: hf_rl_step(hf, ref_hf, opt, tb).detach(), a.iters)
+  hf.eval()
+  n = B * L
+  print(f'  rl_step (Stage II): {B}x{L} tokens in {t_ours * 1e3:8.1f} ms ({n / t_ours:8,.0f}'
+        f' tok/s) | PyTorch {t_hf * 1e3:8.1f} ms ({n / t_hf:8,.0f} tok/s) | ratio '
+        f'{t_hf / t_ours:5.2f}x')
+  out['rl_step'] = t_hf / t_ours
+
+
+def main(argv):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--sizes', default='small,medium,smollm2', help=f'of {sorted(SIZES)}')
+  p.add_argument('--iters', type=int, default=3)
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--prompt_len', type=int, default=64)
+  p.add_argument('--new_tokens', type=int, default=64)
+  p.add_argument('--train_len', type=int, default=128)
+  p.add_argument('--train_batch', type=int, default=0,
+                 help='0: --batch. SmolLM2 at 64 x 128 without remat needs > 24 GB.')
+  p.add_argument('--parts', default='sampler,train')
+  p.add_argument('--chunk', type=int, default=64, help='log-prob chunk (rl.logprob_chunk)')
+  p.add_argument('--quick', action='store_true', help='tiny sizes: a smoke run')
+  a = p.parse_args(argv)
+  if a.quick:
+    a.sizes, a.iters, a.batch, a.prompt_len, a.new_tokens, a.train_len = 'tiny', 1, 8, 16, 16, 64
+  torch.set_num_threads(os.cpu_count() or 1)
+  peak_n = 512 if a.quick else 2048
+  peaks = [bench_core.matmul_peak(peak_n, 5)]
+  print(f'float32 matmul peak at the start ({peak_n}^3, best of 5): {peaks[0] / 1e9:,.1f} '
+        f'GFLOP/s; torch {torch.__version__} ({torch.get_num_threads()} threads), '
+        f'transformers {transformers.__version__}')
+  results = {}
+  for size in a.sizes.split(','):
+    rng = np.random.default_rng(0)
+    model, params, hf = build(size, rng)
+    c = model.config
+    print(f'\n== {size}: {c.embed_dim} x {c.num_layers} layers, vocab {c.vocab_size}, heads '
+          f'{c.num_heads}/{c.num_kv_heads} kv x {c.head_dim}; batch {a.batch}, prompt '
+          f'{a.prompt_len}, {a.new_tokens} new tokens; train {a.train_batch or a.batch} x '
+          f'{a.train_len}')
+    results[size] = {}
+    if 'sampler' in a.parts:
+      bench_sampler(model, params, hf, a, rng, results[size])
+    if 'train' in a.parts:
+      bench_train(model, params, hf, a, rng, results[size])
+  peaks.append(bench_core.matmul_peak(peak_n, 5))
+  print(f'\nfloat32 matmul peak at the end: {peaks[1] / 1e9:,.1f} GFLOP/s '
+        f'(start/end {peaks[0] / peaks[1]:.2f})')
+  print(f'command: {shlex.join(["python"] + sys.argv)}')
+  print(f'jax {jax.__version__}; {jax.device_count()} x {jax.devices()[0].platform}')
+  return results
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
