@@ -6,7 +6,7 @@
   python bench/bench_peers.py --quick                # tiny smoke run
 
 One process builds a random model in our layout, writes it as an HF checkpoint
-(`weights/mapping.hf_tensors`, `weights/hf_config`: the export path) and loads it with
+(`score_jax.export.export`) and loads it with
 transformers (float32, SDPA attention, torch with as many threads as JAX has cores), then
 times in turn:
 - the sampler: our jitted KV-cached loop against HF `generate` (cached, left-padded batch,
@@ -23,7 +23,6 @@ Each time is the median of --iters calls after a warm-up call (compilation exclu
 """
 import argparse
 import functools
-import json
 import os
 import shlex
 import sys
@@ -37,14 +36,13 @@ import transformers
 
 import bench_core  # bench/ is on sys.path when run as a script
 from score_jax import config_defaults
+from score_jax import export
 from score_jax import model as model_lib
 from score_jax import optimizer
 from score_jax import presets
 from score_jax import recipes
 from score_jax import sampling
 from score_jax import train
-from score_jax.weights import hf as hf_lib
-from score_jax.weights import hf_config
 from score_jax.weights import mapping
 
 # name -> ModelConfig fields. small / medium: bench_core's Gemma-style shapes (vocab 512);
@@ -71,9 +69,7 @@ def build(size: str, rng):
       lambda path, x: ('scale' in jax.tree_util.keystr(path)) * one
       + 0.05 * rng.standard_normal(x.shape, np.float32), abstract)
   with tempfile.TemporaryDirectory() as d:
-    hf_lib.write_safetensors(mapping.hf_tensors(params), os.path.join(d, 'model.safetensors'))
-    with open(os.path.join(d, 'config.json'), 'w') as f:
-      json.dump(hf_config.hf_config_from_model(cfg), f)
+    export.export(params, cfg, d, tokenizer_path=None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         d, dtype=torch.float32, attn_implementation='sdpa').eval()
   return model_lib.Transformer(cfg), jax.tree.map(jnp.asarray, params), hf

@@ -284,10 +284,11 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
             step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
             out_shardings=(state_sh, setup.repl_sh), donate_argnums=0))
       n_tokens = hosts.sum_scalars(dict(n=int(np.sum(batch["valid"]))))["n"]
-      t_train = time.time()
+      t1 = time.time()
       state, m = jitted(state, ref_params, hosts.to_global(batch, batch_sh))
       m = jax.device_get(m)
-      t_train, dt = time.time() - t_train, time.time() - t0
+      t2 = time.time()
+      t_train, dt = t2 - t1, t2 - t0
       # step_time = sample + score + train + the host's share (gathers, layout, metrics).
       writer.write(step + 1, dict(m, **host_metrics, step_time=dt, train_time=t_train,
                                   tokens_per_s=n_tokens / dt))

@@ -230,14 +230,21 @@ def test_filter_keeps_exactly_top_k_and_nucleus(top_k, top_p):
   kept = np.isfinite(np.asarray(sampling.filter_logits(logits_BxV, top_k, top_p)))
   logits = np.asarray(logits_BxV, np.float64)
   for row, keep in zip(logits, kept):
-    order = np.argsort(-row)
-    k = top_k or len(row)
-    probs = np.exp(row[order[:k]] - row[order[0]])
-    probs /= probs.sum()
-    n = max(1, int(np.sum(np.cumsum(probs) - probs < top_p)))
-    want = np.zeros_like(keep)
-    want[order[:n]] = True
-    np.testing.assert_array_equal(keep, want)
+    np.testing.assert_array_equal(keep, filtered_probs(row, top_k, top_p) > 0)
+
+
+def filtered_probs(logits_V, top_k, top_p, temperature=1.0):
+  """The reference in float64: softmax(logits / temperature) kept to the top-k, then to the
+  smallest prefix whose mass reaches top_p (the first token always), renormalised.
+  -inf logits are never kept."""
+  order = np.argsort(-logits_V)
+  probs = np.exp((logits_V - logits_V.max()) / temperature)
+  k = min(top_k or len(logits_V), int(np.isfinite(logits_V).sum()))
+  sorted_probs = probs[order[:k]] / probs[order[:k]].sum()
+  n = max(1, int(np.sum(np.cumsum(sorted_probs) - sorted_probs < top_p)))
+  out = np.zeros_like(probs)
+  out[order[:n]] = probs[order[:n]]
+  return out / out.sum()
 
 
 def test_cache_overflow_stops_decoding_and_truncates():
@@ -261,15 +268,8 @@ def test_sampled_frequencies_match_the_filtered_softmax(temperature, top_k, top_
   logits_NxV = jnp.asarray(np.broadcast_to(logits_V, (N, V)), jnp.float32)
   tokens = np.asarray(jax.jit(sampling.sample_token, static_argnums=3)(
       logits_NxV, jax.random.key(11), sp, 0))
-  order = np.argsort(-np.where(np.arange(V) == 0, -np.inf, logits_V))  # never_id 0 last
-  probs = np.exp((logits_V - logits_V.max()) / temperature)
-  keep = np.isin(np.arange(V), order[:top_k or V - 1])
-  probs = np.where(keep, probs, 0)
-  probs /= probs.sum()
-  sorted_probs = probs[order]
-  n = max(1, int(np.sum((np.cumsum(sorted_probs) - sorted_probs < top_p) & (sorted_probs > 0))))
-  probs = np.where(np.isin(np.arange(V), order[:n]), probs, 0)
-  probs /= probs.sum()
+  probs = filtered_probs(np.where(np.arange(V) == 0, -np.inf, logits_V),  # never_id 0
+                         top_k, top_p, temperature)
   freq = np.bincount(tokens, minlength=V) / N
   assert (freq[probs == 0] == 0).all()
   np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / N) + 1e-9)
