@@ -12,9 +12,9 @@ times in turn:
 - the sampler: our jitted KV-cached loop against HF `generate` (cached, left-padded batch,
   no EOS so both produce all T tokens), greedy and at temperature 1; the greedy tokens of
   the two are compared as a check that both run the same network;
-- ragged rollouts: lengths drawn from a spread where most attempts stop early and about
-  5% run to T. Today both loops keep every row of a batch decoding until its longest row
-  stops, so a batch costs T decode steps; the figure is useful (non-pad) tokens/s;
+- ragged rollouts (`bench_ragged`): a stop set sized so that most attempts stop early and
+  about 5% run to T; HF and our `generate` decode each batch until its longest attempt
+  stops, `sampling.generate_queue` refills finished rows; the figure is useful tok/s;
 - the RL train step: our `train.rl_step` (Stage II: reference forward, policy forward and
   backward, per-token KL, Adam) against the same computation written in PyTorch;
 - a float32 matmul reference at the start and at the end (the machine is noisy: read the
@@ -80,11 +80,13 @@ def torch_timed(fn, iters):
     return bench_core.timed(fn, iters)
 
 
-def ragged_lengths(rng, B, T):
-  """Attempt lengths: ~5% run to T, the rest stop after T/8..T/3 tokens."""
-  long = rng.random(B) < 0.05
-  long[rng.integers(B)] = True  # a batch of 64 has one in 96% of draws; fix it at >= 1
-  return np.where(long, T, rng.integers(max(T // 8, 1), T // 3 + 1, size=B))
+def spread_stop_ids(sampled_BxT, long_share=0.05):
+  """Stop ids 1..k for a ragged spread in which about `long_share` of attempts run to T.
+  In a calibration sample drawn without stops, an attempt would have run to T exactly
+  when its smallest token id is above k, so k is that minimum's (1 - long_share) quantile.
+  The realised spread (another draw) is printed."""
+  min_B = np.sort(np.asarray(sampled_BxT).min(axis=1))  # ids >= 1: the pad is never drawn
+  return tuple(range(1, int(min_B[int(np.ceil((1 - long_share) * len(min_B))) - 1]) + 1))
 
 
 def bench_sampler(model, params, hf, a, rng, out):
@@ -125,18 +127,74 @@ def bench_sampler(model, params, hf, a, rng, out):
   print(f'  greedy tokens identical to HF: {100 * out["greedy agreement"]:.1f}% '
         f'(first token {100 * np.mean(hf_greedy[:, 0] == our_greedy[:, 0]):.1f}%)')
 
-  # Ragged: both loops run the batch until its longest row stops (T steps here).
-  lengths = ragged_lengths(rng, B, T)
-  useful = int(lengths.sum())
+  bench_ragged(model, variables, hf, a, rng, out)
+
+
+def bench_ragged(model, variables, hf, a, rng, out):
+  """N = 4B episodes with ragged attempts, at temperature 1: HF `generate` and our
+  `generate` take them B at a time, each batch decoding until its longest attempt stops;
+  `generate_queue` runs all N through B cache rows, refilling a row when its episode ends.
+  The figure is useful (sampled, not pad) tokens per second; each loop counts its own."""
+  B, P, T, N = a.batch, a.prompt_len, a.new_tokens, 4 * a.batch
+  prompt, prompt_valid = bench_core.random_prompts(rng, N, P)
   sp = sampling.SampleParams.create(temperature=1.0)
-  t_ours, _ = bench_core.timed(lambda: ours(variables, prompt, prompt_valid,
-                                            jax.random.key(0), int(lengths.max()), sp), a.iters)
-  t_hf, _ = torch_timed(lambda: theirs(True, int(lengths.max())), a.iters)
-  print(f'  ragged   temp 1.0: {useful} useful of {B * T} slots ({100 * useful / (B * T):.0f}%):'
-        f' score_jax {useful / t_ours:9,.0f} useful tok/s | HF {useful / t_hf:9,.0f} | '
-        f'ratio {t_hf / t_ours:5.2f}x')
-  out['ragged useful share'] = useful / (B * T)
-  out['ragged'] = t_hf / t_ours
+  calibration = jax.jit(functools.partial(sampling.generate, model, turns=1, max_len=T,
+                                          stop_ids=()))
+  stops = spread_stop_ids(calibration(variables, prompt, prompt_valid, jax.random.key(1),
+                                      sp)[0].tokens_BxT)
+  instr_I = jnp.asarray(rng.integers(4, bench_core.VOCAB, size=8), jnp.int32)
+  common = dict(max_len=T, stop_ids=stops)
+
+  @functools.partial(jax.jit, static_argnums=4)
+  def batched(variables, prompt, prompt_valid, key, turns):
+    keys = jax.random.split(key, N // B)
+    return [sampling.generate(model, variables, prompt[i * B:(i + 1) * B],
+                              prompt_valid[i * B:(i + 1) * B], keys[i], sp, turns=turns,
+                              instr_I=instr_I if turns > 1 else None, **common)
+            for i in range(N // B)]
+
+  @functools.partial(jax.jit, static_argnums=4)
+  def queued(variables, prompt, prompt_valid, key, turns):
+    return [sampling.generate_queue(model, variables, prompt, prompt_valid, key, sp, slots=B,
+                                    turns=turns, instr_I=instr_I if turns > 1 else None,
+                                    **common)]
+
+  def useful(parts):
+    return int(sum(np.asarray(s.lengths_B).sum() for samples in parts for s in samples))
+
+  hf_ids = torch.tensor(np.asarray(prompt), dtype=torch.long)
+  hf_mask = torch.tensor(np.asarray(prompt_valid), dtype=torch.long)
+
+  def theirs():
+    return [hf.generate(hf_ids[i * B:(i + 1) * B], attention_mask=hf_mask[i * B:(i + 1) * B],
+                        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=T,
+                        eos_token_id=list(stops), pad_token_id=0, suppress_tokens=[0])
+            for i in range(N // B)]
+
+  rates = {}
+  for turns in (1, 2):
+    for name, fn in (('generate', batched), ('queue', queued)):
+      t, _ = bench_core.timed(lambda: fn(variables, prompt, prompt_valid, jax.random.key(0),
+                                         turns), a.iters)
+      parts = fn(variables, prompt, prompt_valid, jax.random.key(0), turns)
+      n = useful(parts)
+      long = np.mean([np.asarray(s.lengths_B == T) for samples in parts for s in samples])
+      rates[name, turns] = n / t
+      print(f'  ragged {turns} turn(s), {N} episodes, {B} rows, {len(stops)} stop ids: '
+            f'{name:8s} {n / t:9,.0f} useful tok/s ({n / (N * turns * T):.0%} of the '
+            f'{N * turns} x {T} attempt slots; {long:.0%} of attempts ran to {T})')
+  t_hf, _ = torch_timed(theirs, a.iters)
+  with torch.no_grad():
+    n_hf = int(sum((o[:, P:] != 0).sum() for o in theirs()))
+  print(f'  ragged 1 turn: HF generate {n_hf / t_hf:9,.0f} useful tok/s | queue / generate '
+        f'{rates["queue", 1] / rates["generate", 1]:5.2f}x (2 turns '
+        f'{rates["queue", 2] / rates["generate", 2]:5.2f}x) | queue / HF '
+        f'{rates["queue", 1] / (n_hf / t_hf):5.2f}x')
+  out['ragged useful share'] = useful(batched(variables, prompt, prompt_valid,
+                                              jax.random.key(0), 1)) / (N * T)
+  out['ragged queue/generate'] = rates['queue', 1] / rates['generate', 1]
+  out['ragged queue/generate 2 turns'] = rates['queue', 2] / rates['generate', 2]
+  out['ragged'] = rates['queue', 1] / (n_hf / t_hf)
 
 
 def hf_rl_step(hf, ref, opt, batch, beta=0.01):

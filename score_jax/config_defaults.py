@@ -104,11 +104,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(source="random", checkpoint=""))
 
   # Sampling during training (evaluation is greedy). Lengths in tokens; max_len is per
-  # attempt. batch_size: episodes per sampler call (0 = the whole step at once), which
-  # bounds the KV cache's memory. RL phases need temperature 1 and no top-k / top-p:
-  # the loss differentiates the untransformed policy.
+  # attempt. batch_size: episodes per sampler call (0 = the whole step at once). slots:
+  # KV-cache rows per call (0 = one per episode); fewer rows than episodes make the call a
+  # queue (sampling.generate_queue) in which a row whose episode ended takes the next one,
+  # instead of idling until the longest attempt of its batch ends: worth it when attempt
+  # lengths spread widely, and it bounds the cache's memory. RL phases need temperature 1
+  # and no top-k / top-p: the loss differentiates the untransformed policy.
   c.rollout = ml_collections.ConfigDict(dict(
-      max_prompt_len=16, max_len=32, temperature=1.0, top_k=0, top_p=1.0, batch_size=0))
+      max_prompt_len=16, max_len=32, temperature=1.0, top_k=0, top_p=1.0, batch_size=0,
+      slots=0))
 
   # Settings shared by every RL phase. Episodes per step = num_prompts * samples_per_prompt
   # (RLOO groups of k samples). kl_estimator: 'k1' = KL(pi || ref), 'k3' = KL(ref || pi);
@@ -254,6 +258,9 @@ def check(config, num_devices: int):
       episodes % r.batch_size == 0 and r.batch_size % data_size == 0)), "rollout.batch_size",
       r.batch_size, f"must be 0 or divide the {episodes} episodes per step, in multiples of "
       f"the data axis size ({data_size})")
+  check(r.slots >= 0 and r.slots % data_size == 0, "rollout.slots", r.slots,
+        f"must be 0 (one cache row per episode) or a multiple of the data axis size "
+        f"({data_size})")
   sizes = [("rl.num_prompts * rl.samples_per_prompt", episodes),
            ("eval.batch_size", config.eval.batch_size)]
   sizes += [(f"phases.{p.name}.batch_size", p.cfg.batch_size) for p in phases if p.kind == "sft"]

@@ -166,6 +166,7 @@ class Episodes:
     self.param_sh, self.batch_sh, self.repl_sh = shardings
     self.mesh = getattr(self.batch_sh, 'mesh', None)
     self.max_prompt_len, self.max_len = rollout_cfg.max_prompt_len, rollout_cfg.max_len
+    self.slots = rollout_cfg.get('slots', 0)
     self.instr_I = np.asarray(tok.encode(fmt.instruction_text(task)), np.int32)
     stops = formats.stop_ids(tok, fmt)
     self.stop_ids = sampling.stop_set(None, stops)
@@ -206,9 +207,13 @@ class Episodes:
   @functools.lru_cache(maxsize=None)
   def _generate(self, turns: int):
     def generate(params, context_BxC, valid_BxC, instr_I, rng, sample_params):
+      kw = dict(turns=turns, max_len=self.max_len, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                instr_I=instr_I)
+      if 0 < self.slots < context_BxC.shape[0]:  # a queue through fewer cache rows
+        return sampling.generate_queue(self.model, {'params': params}, context_BxC, valid_BxC,
+                                       rng, sample_params, slots=self.slots, **kw)
       return sampling.generate(self.model, {'params': params}, context_BxC, valid_BxC, rng,
-                               sample_params, turns=turns, max_len=self.max_len,
-                               stop_ids=self.stop_ids, pad_id=self.pad_id, instr_I=instr_I)
+                               sample_params, **kw)
     return sharding.under_mesh(self.mesh, jax.jit(generate, in_shardings=(
         self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh, self.repl_sh),
         out_shardings=self.batch_sh))

@@ -121,6 +121,20 @@ def causal_attention_mask(valid_BxL: jax.Array) -> jax.Array:
   return (causal_LxL[None] & valid_BxL[:, None, :]) | eye_LxL[None]
 
 
+def write_slots(buffer, update, slot, axis: int):
+  """`buffer` with `update` written from `slot` on along `axis` (> 0, the slot axis):
+  the same slot for every row (a scalar: one dynamic_update_slice), or each row's own
+  (slot_B: the refilling sampler, whose rows hold episodes at different points)."""
+  if jnp.ndim(slot) == 0:
+    return jax.lax.dynamic_update_slice(
+        buffer, update, tuple(slot if a == axis else 0 for a in range(buffer.ndim)))
+  def row(buffer_row, update_row, slot_row):
+    return jax.lax.dynamic_update_slice(
+        buffer_row, update_row, tuple(slot_row if a == axis - 1 else 0
+                                      for a in range(buffer_row.ndim)))
+  return jax.vmap(row)(buffer, update, slot)
+
+
 def init_cache(config: ModelConfig, batch_size: int, cache_size: int, dtype=None) -> dict:
   """Zeroed KV cache, heads-major [B,K,S,H] (measured 2x faster than [B,S,K,H] here), and
   the rotary position of each slot, which the sliding window compares against."""
@@ -312,9 +326,8 @@ class Attention(nn.Module):
     if cache is None:
       k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxLxH, v_BxKxLxH, None
     else:
-      at = (0, 0, cache_slot, 0)
-      k_all = jax.lax.dynamic_update_slice(cache['k'], k_BxKxLxH.astype(cache['k'].dtype), at)
-      v_all = jax.lax.dynamic_update_slice(cache['v'], v_BxKxLxH.astype(cache['v'].dtype), at)
+      k_all = write_slots(cache['k'], k_BxKxLxH.astype(cache['k'].dtype), cache_slot, axis=2)
+      v_all = write_slots(cache['v'], v_BxKxLxH.astype(cache['v'].dtype), cache_slot, axis=2)
       new_cache = {'k': k_all, 'v': v_all}
       k_BxKxSxH, v_BxKxSxH = k_all.astype(c.dtype), v_all.astype(c.dtype)
 
@@ -390,7 +403,8 @@ class Transformer(nn.Module):
                return_hidden=False):
     """-> (logits_BxLxV float32 | hidden_BxLxD, new_cache or None).
 
-    With a cache, the L new k/v go to slots [cache_slot, cache_slot + L) and queries attend
+    With a cache, the L new k/v go to slots [cache_slot, cache_slot + L) (a scalar, or one
+    slot per row: `write_slots`) and queries attend
     over all S cache slots under `attn_mask_BxLxS`; without, S == L. Local layers further
     restrict the mask to the sliding window.
     """
@@ -398,8 +412,8 @@ class Transformer(nn.Module):
     if cache is None:
       key_positions_BxS, new_cache = positions_BxL, None
     else:
-      key_positions_BxS = jax.lax.dynamic_update_slice(
-          cache['positions'], positions_BxL.astype(jnp.int32), (0, cache_slot))
+      key_positions_BxS = write_slots(cache['positions'], positions_BxL.astype(jnp.int32),
+                                      cache_slot, axis=1)
       new_cache = {'positions': key_positions_BxS}
     masks = {GLOBAL: attn_mask_BxLxS}
     if LOCAL in c.layer_types():

@@ -167,7 +167,8 @@ def resolve(config) -> list[Phase]:
 # Fields that change how a run executes but not what it computes: a resumed run may
 # change them freely.
 _EXECUTION_ONLY = ('mode', 'mesh', 'sharding_rules', 'checkpoint', 'log_every', 'eval',
-                   'recipe', 'phases', 'rl.microbatches', 'rollout.batch_size')
+                   'recipe', 'phases', 'rl.microbatches', 'rollout.batch_size',
+                   'rollout.slots')
 
 
 def _without(d: dict, dotted: str):

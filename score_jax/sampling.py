@@ -10,6 +10,8 @@ the compiled loop and never retraces per call.
 
 `generate` is the one generation path: a context, then one or more attempts in one cache
 with an instruction between them (the SCoRe episode, offline repair, plain sampling).
+`generate_queue` gives the same episodes through fewer cache rows than episodes, each
+row with its own slot counter, refilled as its episode ends (ragged attempt lengths).
 """
 from typing import NamedTuple, Optional, Sequence
 
@@ -38,7 +40,7 @@ class DecodeState:
   cache: dict
   valid_BxS: jax.Array  # bool: slot holds a real token
   next_pos_B: jax.Array  # int32: rotary position of the next valid token
-  slot: jax.Array  # int32 scalar: next free slot
+  slot: jax.Array  # int32: next free slot, a scalar or each row's own (generate_queue)
   last_logits_BxV: jax.Array  # float32: logits after the last valid token
 
 
@@ -73,17 +75,17 @@ def append(model, params, state: DecodeState, tokens_BxL, valid_BxL) -> DecodeSt
   `dynamic_update_slice` would clamp and overwrite earlier slots."""
   B, L = tokens_BxL.shape
   S = state.valid_BxS.shape[1]
-  valid_BxS = jax.lax.dynamic_update_slice(state.valid_BxS, valid_BxL, (0, state.slot))
+  valid_BxS = model_lib.write_slots(state.valid_BxS, valid_BxL, state.slot, axis=1)
   # Positions continue the row's count of valid tokens; same as positions_from_valid over
   # the whole sequence, so cached and full-forward logits agree.
   positions_BxL = state.next_pos_B[:, None] + model_lib.positions_from_valid(valid_BxL)
   cum_BxL = jnp.cumsum(valid_BxL.astype(jnp.int32), axis=1)
   # Query at slot q sees valid slots <= q and itself (so pads never attend to nothing).
-  query_slot_L = state.slot + jnp.arange(L)
+  query_slot_BxL = jnp.broadcast_to(state.slot, (B,))[:, None] + jnp.arange(L)
   key_slot_S = jnp.arange(S)
-  causal_LxS = key_slot_S[None, :] <= query_slot_L[:, None]
-  self_LxS = key_slot_S[None, :] == query_slot_L[:, None]
-  mask_BxLxS = (causal_LxS[None] & valid_BxS[:, None, :]) | self_LxS[None]
+  causal_BxLxS = key_slot_S <= query_slot_BxL[..., None]
+  self_BxLxS = key_slot_S == query_slot_BxL[..., None]
+  mask_BxLxS = (causal_BxLxS & valid_BxS[:, None, :]) | self_BxLxS
   hidden_BxLxD, cache = model.apply(params, tokens_BxL, positions_BxL, mask_BxLxS,
                                     cache=state.cache, cache_slot=state.slot,
                                     return_hidden=True)
@@ -267,3 +269,121 @@ def generate(model, params, context_BxC, context_valid_BxC, rng, sample_params: 
                            pad_id)
     attempts.append(sample)
   return tuple(attempts)
+
+
+class _Queue(NamedTuple):
+  state: DecodeState  # B cache rows ("slots"), each at its own slot counter
+  rng: jax.Array
+  episode_B: jax.Array  # the episode a row works on; -1: free
+  turn_B: jax.Array  # its attempt
+  pos_B: jax.Array  # tokens sampled in that attempt so far
+  instr_B: jax.Array  # next instruction token to feed; I once fed (then it samples)
+  next_episode: jax.Array  # scalar: the first episode not yet started
+  tokens_TxNxL: jax.Array
+  valid_TxNxL: jax.Array
+  logprobs_TxNxL: jax.Array
+  truncated_TxN: jax.Array
+
+
+def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
+                   sample_params: SampleParams, *, slots: int, turns: int, max_len: int,
+                   stop_ids: Sequence[int], pad_id: int = 0, instr_I=None,
+                   refill: int = 0) -> tuple[Sample, ...]:
+  """`generate` for N episodes through a cache of `slots` rows: an episode's row takes the
+  next episode as soon as it is done, instead of idling until the batch's longest
+  episode ends. Same outputs as `generate` on all N rows (greedy: the same tokens; the
+  cache of a row only ever holds its own episode), in episode order, so RLOO groups
+  stay whole.
+
+  Attempts are ragged: most stop early, a few run to `max_len`. `generate` decodes every
+  row until its batch's longest attempt ends, so at a typical spread most of its decode
+  steps write pads. Here each row has its own slot counter (`write_slots`); the
+  instruction between attempts is fed one token per decode step to that row alone, and a
+  free row waits until `refill` rows are free (default slots // 4), which are then
+  prefilled together in a batch of `refill` rows: a prefill costs about as many FLOPs as
+  `refill` rows decoding `context` tokens one by one would, so batching them keeps the
+  prefill as cheap as `generate`'s, while the share of decode-step rows left idle stays
+  below refill / slots. Jittable with everything after `sample_params` static.
+  """
+  N, C = context_NxC.shape
+  B = slots
+  R = min(refill or max(B // 4, 1), B)
+  I = 0 if instr_I is None else instr_I.shape[0]
+  if turns > 1 and instr_I is None:
+    raise ValueError('more than one attempt needs the instruction between them')
+  instr_I = jnp.zeros((1,), jnp.int32) if instr_I is None else instr_I.astype(jnp.int32)
+  S = C + turns * max_len + (turns - 1) * I
+  stop_ids = tuple(stop_ids)
+  stop_K = jnp.asarray(stop_ids or (-1,), jnp.int32)
+  never_id = None if pad_id in stop_ids else pad_id
+
+  def take_episodes(q: _Queue) -> _Queue:
+    """Prefills the next min(R, left) episodes into the first free rows."""
+    free_B = q.episode_B < 0
+    n = jnp.minimum(jnp.minimum(jnp.sum(free_B), R), N - q.next_episode)
+    take_R = jnp.arange(R) < n
+    rows_R = jnp.where(take_R, jnp.nonzero(free_B, size=R, fill_value=0)[0], B)  # B: dropped
+    episodes_R = jnp.minimum(q.next_episode + jnp.arange(R), N - 1)
+    new = start(model, params, context_NxC[episodes_R],
+                context_valid_NxC[episodes_R] & take_R[:, None], cache_size=S)
+    new = new.replace(slot=jnp.full((R,), new.slot, jnp.int32))
+    state = jax.tree.map(lambda old, x: old.at[rows_R].set(x, mode='drop'), q.state, new)
+    put = lambda a, v: a.at[rows_R].set(v, mode='drop')
+    return q._replace(state=state, episode_B=put(q.episode_B, q.next_episode + jnp.arange(R)),
+                      turn_B=put(q.turn_B, 0), pos_B=put(q.pos_B, 0), instr_B=put(q.instr_B, I),
+                      next_episode=q.next_episode + n)
+
+  def decode_step(q: _Queue) -> _Queue:
+    """One token per busy row: the next instruction token, or a sampled one."""
+    rng, step_rng = jax.random.split(q.rng)
+    logits_BxV = q.state.last_logits_BxV
+    busy_B = q.episode_B >= 0
+    feeding_B = q.instr_B < I
+    sampling_B = busy_B & ~feeding_B
+    token_B = jnp.where(feeding_B, instr_I[jnp.minimum(q.instr_B, I - 1)],
+                        sample_token(logits_BxV, step_rng, sample_params, never_id))
+    token_B = jnp.where(busy_B, token_B, pad_id)
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1),
+                                    token_B[:, None], axis=-1)[:, 0]
+    # Only sampled tokens are recorded; other rows index turn T, which is dropped.
+    at = (jnp.where(sampling_B, q.turn_B, turns), q.episode_B, q.pos_B)
+    stopped_B = sampling_B & jnp.isin(token_B, stop_K)
+    ended_B = stopped_B | sampling_B & (q.pos_B + 1 == max_len)
+    more_B = ended_B & (q.turn_B + 1 < turns)
+    return q._replace(
+        # Free rows write pads as invalid slots; their cache is replaced when refilled.
+        state=append(model, params, q.state, token_B[:, None], busy_B[:, None]),
+        rng=rng,
+        episode_B=jnp.where(ended_B & ~more_B, -1, q.episode_B),
+        turn_B=q.turn_B + more_B,
+        pos_B=jnp.where(more_B, 0, q.pos_B + sampling_B),
+        instr_B=jnp.where(more_B, 0, q.instr_B + (busy_B & feeding_B)),
+        tokens_TxNxL=q.tokens_TxNxL.at[at].set(token_B, mode='drop'),
+        valid_TxNxL=q.valid_TxNxL.at[at].set(True, mode='drop'),
+        logprobs_TxNxL=q.logprobs_TxNxL.at[at].set(logprob_B, mode='drop'),
+        truncated_TxN=q.truncated_TxN.at[at[:2]].set(ended_B & ~stopped_B, mode='drop'))
+
+  def body(q: _Queue) -> _Queue:
+    left = N - q.next_episode
+    free = jnp.sum(q.episode_B < 0)
+    return jax.lax.cond((left > 0) & (free >= jnp.minimum(R, left)), take_episodes,
+                        decode_step, q)
+
+  def cond(q: _Queue):
+    return (q.next_episode < N) | jnp.any(q.episode_B >= 0)
+
+  empty = _empty_state(model.config, B, S)
+  q = _Queue(
+      state=empty.replace(slot=jnp.zeros((B,), jnp.int32)), rng=rng,
+      episode_B=jnp.full((B,), -1, jnp.int32), turn_B=jnp.zeros((B,), jnp.int32),
+      pos_B=jnp.zeros((B,), jnp.int32), instr_B=jnp.full((B,), I, jnp.int32),
+      next_episode=jnp.int32(0),
+      tokens_TxNxL=jnp.full((turns, N, max_len), pad_id, jnp.int32),
+      valid_TxNxL=jnp.zeros((turns, N, max_len), bool),
+      logprobs_TxNxL=jnp.zeros((turns, N, max_len), jnp.float32),
+      truncated_TxN=jnp.zeros((turns, N), bool))
+  q = jax.lax.while_loop(cond, body, q)
+  return tuple(Sample(tokens_BxT=q.tokens_TxNxL[t], valid_BxT=q.valid_TxNxL[t],
+                      logprobs_BxT=q.logprobs_TxNxL[t],
+                      lengths_B=jnp.sum(q.valid_TxNxL[t], axis=1, dtype=jnp.int32),
+                      truncated_B=q.truncated_TxN[t]) for t in range(turns))

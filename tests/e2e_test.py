@@ -140,6 +140,7 @@ def test_pipeline_kill_resume_and_eval(tmp_path):
     ("--config.prompt_format=chatml", "prompt_format"),
     ("--config.rl.microbatches=3", "rl.microbatches"),
     ("--config.rollout.batch_size=24", "rollout.batch_size"),
+    ("--config.rollout.slots=-4", "rollout.slots"),
 ])
 def test_bad_config_names_the_field(tmp_path, override, field):
   out = subprocess.run(_cmd(str(tmp_path / "run"), override), cwd=REPO, env=_env(),

@@ -2,7 +2,8 @@
 
 The two-process behaviour is in multihost_test.py. Here, in a child with 8 CPU devices: the
 helpers on a data x model mesh, and the whole pipeline (tokenizer, base, Stage I with
-offline first attempts, Stage II, evaluation, checkpoints) under
+offline first attempts, Stage II, evaluation, checkpoints; sampling as a queue through
+fewer cache rows than episodes) under
 `jax.transfer_guard("disallow")`, as big_vision runs its loop: a NumPy array handed to a
 jitted function or read back implicitly raises, so the only copies are the explicit ones
 of hosts.py.
@@ -50,6 +51,7 @@ def _child():
   config.phases.stage2.steps = 2
   config.rl.update(num_prompts=4, samples_per_prompt=2)
   config.eval.update(num_problems=8, batch_size=8)
+  config.rollout.slots = 4  # 8 episodes per call through 4 cache rows: the queue, sharded
   config.checkpoint.every = 2
   config.mesh.update(shape=(4, 2), axes=('data', 'model'))
   config_defaults.check(config, jax.device_count())
