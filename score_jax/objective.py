@@ -76,7 +76,7 @@ def _check(name, value, allowed):
     raise ValueError(f'{name}={value!r} is not one of {allowed}.')
 
 
-def token_logprobs(model, params, tokens_BxS, valid_BxS, chunk_size):
+def token_logprobs(model, params, tokens_BxS, valid_BxS, chunk_size, with_entropy=True):
   """Log-prob and predictive entropy of each valid token given the valid ones before it.
 
   A token is predicted from the hidden state of the nearest valid slot before it (in
@@ -84,7 +84,9 @@ def token_logprobs(model, params, tokens_BxS, valid_BxS, chunk_size):
   result does not depend on where pads sit. Slots with no valid predecessor, and
   invalid slots, get 0. Logits are formed chunk by chunk along S (rematerialised in
   the backward pass), so [B, S, V] float32 logits never exist whole.
-  Returns (logp_BxS, entropy_BxS), float32.
+  Returns (logp_BxS, entropy_BxS), float32; entropy_BxS is None without `with_entropy`
+  (the reference and SFT passes: at a 50-256k vocabulary the entropy costs about what
+  the log-softmax does).
   """
   B, S = tokens_BxS.shape
   hidden_BxSxD, _ = model.apply(
@@ -110,16 +112,17 @@ def token_logprobs(model, params, tokens_BxS, valid_BxS, chunk_size):
     logits_BxCxV = model.apply({'params': params}, h_BxCxD, method='logits')
     logp_BxCxV = jax.nn.log_softmax(logits_BxCxV.astype(jnp.float32), axis=-1)
     logp_BxC = jnp.take_along_axis(logp_BxCxV, tok_BxC[..., None], axis=-1)[..., 0]
-    entropy_BxC = -jnp.sum(jnp.exp(logp_BxCxV) * logp_BxCxV, axis=-1)
-    return logp_BxC, entropy_BxC
+    if not with_entropy:
+      return logp_BxC, None
+    return logp_BxC, -jnp.sum(jnp.exp(logp_BxCxV) * logp_BxCxV, axis=-1)
 
   def body(carry, xs):
     return carry, chunk(params, *xs)
 
   _, (logp_NxBxC, ent_NxBxC) = jax.lax.scan(body, None, (h_NxBxCxD, tok_NxBxC))
-  logp_BxS = logp_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :S]
-  entropy_BxS = ent_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :S]
-  return jnp.where(scored_BxS, logp_BxS, 0.), jnp.where(scored_BxS, entropy_BxS, 0.)
+  unchunk = lambda x_NxBxC: jnp.where(
+      scored_BxS, x_NxBxC.swapaxes(0, 1).reshape(B, n * C)[:, :S], 0.)
+  return unchunk(logp_NxBxC), None if ent_NxBxC is None else unchunk(ent_NxBxC)
 
 
 # ---------------------------------------------------------------------------------------

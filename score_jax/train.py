@@ -49,7 +49,8 @@ def sft_step(model, tx, chunk, loss_turns, state: TrainState, ref_params, batch)
   """One supervised step on the model tokens of the batch (all attempts, or `loss_turns`)."""
   del ref_params  # Same signature as rl_step; supervised phases have no reference.
   def loss_fn(params):
-    logp, _ = objective.token_logprobs(model, params, batch["tokens"], batch["valid"], chunk)
+    logp, _ = objective.token_logprobs(model, params, batch["tokens"], batch["valid"], chunk,
+                                       with_entropy=False)
     return objective.sft_loss(logp, batch["turn"], loss_turns)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -82,7 +83,8 @@ def rl_step(model, tx, chunk, obj: objective.Objective, state: TrainState, ref_p
 
   def grads_of(params, mb):
     tokens, valid, turn = mb["tokens"], mb["valid"], mb["turn"]
-    logp_ref, _ = objective.token_logprobs(model, ref_params, tokens, valid, chunk)
+    logp_ref, _ = objective.token_logprobs(model, ref_params, tokens, valid, chunk,
+                                           with_entropy=False)
     logp_ref = jax.lax.stop_gradient(logp_ref)
 
     def loss_fn(params):
