@@ -81,7 +81,7 @@ def self_generated_rows(config, eps, phase, directory: str):
   def generate(params, rnd: int):
     rng = np.random.default_rng([cfg.seed, phase.index, 1_000_000 + rnd])
     turns = 1 if p.data == "pair" else phase.turns
-    rows, n, sampled = [], p.samples // p.rounds, 0
+    rows, n, sampled, unfinished = [], p.samples // p.rounds, 0, 0
     while sampled < n:
       problems = [q for q in eps.task.train_problems(rng, rl.num_prompts)
                   for _ in range(rl.samples_per_prompt)]
@@ -89,11 +89,17 @@ def self_generated_rows(config, eps, phase, directory: str):
       mine = eps.score(eps.sample(params, hosts.local_share(problems), key, sample_params, turns,
                                   r.batch_size))
       batch = episodes_lib.gather(mine, problems)
-      rows += (pair_rows(batch, rl.samples_per_prompt, rng) if p.data == "pair"
-               else star_rows(batch, p.data))
+      kept = (pair_rows(batch, rl.samples_per_prompt, rng) if p.data == "pair"
+              else star_rows(batch, p.data))
+      # A row trains on its attempts as finished turns (each ends with the end-of-turn
+      # token), so an attempt cut off at rollout.max_len is no such turn: drop its row.
+      finished = [row for row in kept
+                  if all(len(eps.tok.encode(a)) < eps.max_len for a in row[1])]
+      rows, unfinished = rows + finished, unfinished + len(kept) - len(finished)
       sampled += per_call
     print(f"[{phase.name}] round {rnd}: kept {len(rows)} of {sampled} sampled episodes "
-          f"({p.data})", flush=True)
+          f"({p.data}; {unfinished} more dropped, an attempt ran to rollout.max_len)",
+          flush=True)
     if not rows:
       raise NoData(f"[{phase.name}] {p.data} kept none of {sampled} episodes: nothing to "
                    "train on; the phase hands on its init's params")
