@@ -56,6 +56,13 @@ def pair_rows(batch: episodes_lib.Batch, k: int, rng: np.random.Generator) -> li
   return rows
 
 
+def finished_rows(rows: list[Row], encode, max_len: int) -> list[Row]:
+  """The rows whose every attempt is a finished turn. A row trains on its attempts as
+  turns that end with the end-of-turn token (episodes.transcript_batch), so an attempt
+  that ran to `max_len` tokens was cut off, and would not fit with that token: drop it."""
+  return [row for row in rows if all(len(encode(a)) < max_len for a in row[1])]
+
+
 def transcript_rows(task, phase, seed: int):
   """The task's simulated student (the embedded base model's data), fresh each step."""
   def rows_fn(params, step):
@@ -91,10 +98,7 @@ def self_generated_rows(config, eps, phase, directory: str):
       batch = episodes_lib.gather(mine, problems)
       kept = (pair_rows(batch, rl.samples_per_prompt, rng) if p.data == "pair"
               else star_rows(batch, p.data))
-      # A row trains on its attempts as finished turns (each ends with the end-of-turn
-      # token), so an attempt cut off at rollout.max_len is no such turn: drop its row.
-      finished = [row for row in kept
-                  if all(len(eps.tok.encode(a)) < eps.max_len for a in row[1])]
+      finished = finished_rows(kept, eps.tok.encode, eps.max_len)
       rows, unfinished = rows + finished, unfinished + len(kept) - len(finished)
       sampled += per_call
     print(f"[{phase.name}] round {rnd}: kept {len(rows)} of {sampled} sampled episodes "

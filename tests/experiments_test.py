@@ -45,6 +45,13 @@ def test_pair_sft_pairs_each_wrong_attempt_with_a_right_one_of_its_problem():
       ('0', ['y1-0', 'y1-1'], [False, True]), ('0', ['y1-2', 'y1-1'], [False, True])]
 
 
+def test_rows_with_an_attempt_cut_off_at_max_len_are_dropped():
+  rows = [(None, ['a b', 'c d e'], [False, True]), (None, ['a b c d', 'e'], [False, True]),
+          (None, ['a', 'b c d'], [False, True])]
+  kept = sft_data.finished_rows(rows, str.split, max_len=4)  # 4 tokens: no room for the end
+  assert kept == [rows[0], rows[2]]
+
+
 class _Task:
   def answer_key(self, text):
     return text.split(':')[1] or None
