@@ -16,7 +16,8 @@ the *base's* wrong first attempts (the same mistakes for every method), the shar
 identical attempts and the edit-distance histogram; and, for `--scaling_methods`, the
 inference-time scaling curves (evaluate.inference_scaling). Written to
 <workdir>/paper.json, paper.md and the plots paper_methods.png, paper_edit.png,
-paper_scaling.png.
+paper_scaling.png. `--report` writes the same for the methods finished so far to
+<workdir>/report/ without training anything (e.g. beside a running suite).
 """
 import json
 import os
@@ -56,6 +57,9 @@ _SCALING = flags.DEFINE_list("scaling_methods", ["self_refine", "score", "multi_
                              "Methods whose inference-time scaling curves are drawn.")
 _SCALING_K = flags.DEFINE_integer("scaling_k", 16, "Largest K (2K samples per problem).")
 _SCALING_N = flags.DEFINE_integer("scaling_problems", 200, "Held-out problems for scaling.")
+_REPORT = flags.DEFINE_bool("report", False, "Tables and plots of the methods finished so far "
+                            "(read from the workdir while a suite runs, or after it stopped); "
+                            "trains and evaluates nothing.")
 _QUICK = flags.DEFINE_bool("quick", False, "One seed, short phases, 200 problems: a smoke "
                            "run of the whole suite (about 20 minutes on 2 CPU cores).")
 
@@ -135,6 +139,8 @@ def summarize(results: dict, methods, seeds) -> dict:
   out = {}
   for m in methods:
     rows = [results[s][m] for s in seeds if m in results.get(s, {})]
+    if not rows:  # not run (yet)
+      continue
     out[m] = {key: (float(np.mean([r[key] for r in rows if key in r])),
                     float(np.std([r[key] for r in rows if key in r])))
               for _, key in COLUMNS if any(key in r for r in rows)}
@@ -218,6 +224,38 @@ def plot(summary: dict, results: dict, seeds, workdir: str):
           "Inference-time scaling: 2K parallel vs K parallel + K corrections", 6)
 
 
+def finished_results(config, workdir: str, seeds, methods) -> dict:
+  """seed -> method -> results, for the methods whose last phase is evaluated and measured
+  (the files `measure` reads: eval/<phase>.json and eval/measures_<phase>.json)."""
+  out = {}
+  for seed in seeds:
+    for m in methods:
+      last = recipes.resolve(_method_config(config, m, seed))[-1].name
+      paths = [os.path.join(_seed_dir(workdir, seed), "eval", f"{f}{last}.json")
+               for f in ("", "measures_")]
+      if all(map(os.path.exists, paths)):
+        r = {}
+        for path in paths:
+          with open(path) as f:
+            r.update(json.load(f))
+        out.setdefault(seed, {})[m] = r
+  return out
+
+
+def write_report(results: dict, seeds, methods, workdir: str, out_dir: str, extra: dict):
+  """paper.json, paper.md and the plots in `out_dir`; returns the summary."""
+  summary = summarize(results, methods, seeds)
+  text = format_tables(summary, results, seeds)
+  os.makedirs(out_dir, exist_ok=True)
+  evaluate.write_json(os.path.join(out_dir, "paper.json"),
+                      dict(summary=summary, results=results, seeds=list(seeds), **extra))
+  with open(os.path.join(out_dir, "paper.md"), "w") as f:
+    f.write(text + "\n")
+  plot(summary, results, seeds, out_dir)
+  print("\n" + text + f"\n\nwritten: {out_dir}/paper.json, paper.md, paper_*.png", flush=True)
+  return summary
+
+
 def run_suite(config, workdir: str, seeds, methods, settings: dict) -> dict:
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
@@ -239,15 +277,8 @@ def run_suite(config, workdir: str, seeds, methods, settings: dict) -> dict:
     eta = elapsed / done * left if done else float("nan")
     print(f"[suite] {100 * done / max(total, 1):.0f}% of the training done in "
           f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
-  summary = summarize(results, methods, seeds)
-  text = format_tables(summary, results, seeds)
-  evaluate.write_json(os.path.join(workdir, "paper.json"),
-                      dict(summary=summary, results=results, seeds=list(seeds),
-                           settings=settings, minutes=(time.time() - t0) / 60))
-  with open(os.path.join(workdir, "paper.md"), "w") as f:
-    f.write(text + "\n")
-  plot(summary, results, seeds, workdir)
-  print("\n" + text + f"\n\nwritten: {workdir}/paper.json, paper.md, paper_*.png", flush=True)
+  summary = write_report(results, seeds, methods, workdir, workdir,
+                         dict(settings=settings, minutes=(time.time() - t0) / 60))
   return dict(summary=summary, results=results)
 
 
@@ -268,6 +299,13 @@ def main(argv):
   if _QUICK.value:  # On the config itself, so that the budgets tied to Stage I / II follow.
     settings = quick(config, settings)
   try:
+    if _REPORT.value:  # Beside the suite's own files, so a running suite is not disturbed.
+      seeds, methods = settings["seeds"], list(_METHODS.value)
+      results = finished_results(config, workdir, seeds, methods)
+      seeds = [s for s in seeds if s in results]
+      write_report(results, seeds, methods, workdir, os.path.join(workdir, "report"),
+                   dict(settings=settings, finished={s: list(results[s]) for s in seeds}))
+      return
     run_suite(config, workdir, settings["seeds"], list(_METHODS.value), settings)
   except recipes.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

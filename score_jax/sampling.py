@@ -184,6 +184,14 @@ def sample_token(logits_BxV, rng, sample_params: SampleParams, never_id: Optiona
   return jax.lax.cond(sample_params.temperature > 0, sample, greedy, None)
 
 
+def _draw(logits_BxV, rng, sample_params: SampleParams, never_id):
+  """(token_B, its untempered log-prob_B): the one draw of both decode loops."""
+  token_B = sample_token(logits_BxV, rng, sample_params, never_id)
+  logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None],
+                                  axis=-1)[:, 0]
+  return token_B, logprob_B
+
+
 class _Loop(NamedTuple):
   step: jax.Array
   done_B: jax.Array
@@ -216,12 +224,9 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
 
   def body(loop: _Loop) -> _Loop:
     rng, step_rng = jax.random.split(loop.rng)
-    logits_BxV = loop.state.last_logits_BxV
     live_B = ~loop.done_B
-    token_B = jnp.where(live_B, sample_token(logits_BxV, step_rng, sample_params, never_id),
-                        pad_id)
-    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1),
-                                    token_B[:, None], axis=-1)[:, 0]
+    token_B, logprob_B = _draw(loop.state.last_logits_BxV, step_rng, sample_params, never_id)
+    token_B = jnp.where(live_B, token_B, pad_id)
     at = (0, loop.step)
     return _Loop(
         step=loop.step + 1,
@@ -336,15 +341,12 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
   def decode_step(q: _Queue) -> _Queue:
     """One token per busy row: the next instruction token, or a sampled one."""
     rng, step_rng = jax.random.split(q.rng)
-    logits_BxV = q.state.last_logits_BxV
     busy_B = q.episode_B >= 0
     feeding_B = q.instr_B < I
     sampling_B = busy_B & ~feeding_B
-    token_B = jnp.where(feeding_B, instr_I[jnp.minimum(q.instr_B, I - 1)],
-                        sample_token(logits_BxV, step_rng, sample_params, never_id))
+    token_B, logprob_B = _draw(q.state.last_logits_BxV, step_rng, sample_params, never_id)
+    token_B = jnp.where(feeding_B, instr_I[jnp.minimum(q.instr_B, I - 1)], token_B)
     token_B = jnp.where(busy_B, token_B, pad_id)
-    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1),
-                                    token_B[:, None], axis=-1)[:, 0]
     # Only sampled tokens are recorded; other rows index turn T, which is dropped.
     at = (jnp.where(sampling_B, q.turn_B, turns), q.episode_B, q.pos_B)
     stopped_B = sampling_B & jnp.isin(token_B, stop_K)

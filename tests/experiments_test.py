@@ -136,6 +136,11 @@ def test_experiments_command_runs_every_method_on_a_tiny_config(tmp_path):
   assert "Table 2" in text and "Table 4" in text
   for png in ('paper_methods.png', 'paper_edit.png', 'paper_scaling.png'):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000
+  # --report reads the same results back from the workdir (here: every method finished).
+  from score_jax import config_defaults
+  found = experiments.finished_results(config_defaults.get_config(), workdir, [0],
+                                       experiments.METHODS)
+  assert json.loads(json.dumps(found))['0'] == paper['results']['0']
   # Resumable: a second run trains nothing and gives the same tables.
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   assert again.returncode == 0 and '[base] step' not in again.stdout
