@@ -171,6 +171,11 @@ def bench_ragged(model, variables, hf, a, rng, out):
                         eos_token_id=list(stops), pad_token_id=0, suppress_tokens=[0])
             for i in range(N // B)]
 
+  # Both loops prefill the same prompts; on a CPU a prompt token costs about what a decode
+  # token does, so the prefill's share of `generate` bounds what the queue can gain.
+  prefill = jax.jit(lambda v, p, m: sampling.start(model, v, p, m, P + T).last_logits_BxV)
+  t_prefill, _ = bench_core.timed(lambda: prefill(variables, prompt[:B], prompt_valid[:B]),
+                                  a.iters)
   rates = {}
   for turns in (1, 2):
     for name, fn in (('generate', batched), ('queue', queued)):
@@ -183,6 +188,9 @@ def bench_ragged(model, variables, hf, a, rng, out):
       print(f'  ragged {turns} turn(s), {N} episodes, {B} rows, {len(stops)} stop ids: '
             f'{name:8s} {n / t:9,.0f} useful tok/s ({n / (N * turns * T):.0%} of the '
             f'{N * turns} x {T} attempt slots; {long:.0%} of attempts ran to {T})')
+      if (name, turns) == ('generate', 1):
+        print(f'  ragged: the {N // B} prefills of {B} x {P} prompt tokens take '
+              f'{N // B * t_prefill:.2f} s, {N // B * t_prefill / t:.0%} of generate\'s time')
   t_hf, _ = torch_timed(theirs, a.iters)
   with torch.no_grad():
     n_hf = int(sum((o[:, P:] != 0).sum() for o in theirs()))
