@@ -87,7 +87,9 @@ class Run:
   mesh: tuple[tuple[str, int], ...] = (('data', 1),)
   param_axes: Optional[tuple[str, ...]] = None  # None: every mesh axis (FSDP)
   microbatches: int = 1
-  sample_batch: Optional[int] = None  # episodes per sampler call (global); None: batch
+  # KV-cache rows per sampler call (global): rollout.slots if set, else the episodes per
+  # call (rollout.batch_size); None: batch
+  sample_batch: Optional[int] = None
   cache_len: Optional[int] = None  # KV cache slots; None: seq_len
   prompt_len: Optional[int] = None  # tokens prefilled at once; None: cache_len // 4
   logprob_chunk: int = 256
