@@ -176,30 +176,38 @@ def bench_ragged(model, variables, hf, a, rng, out):
   prefill = jax.jit(lambda v, p, m: sampling.start(model, v, p, m, P + T).last_logits_BxV)
   t_prefill, _ = bench_core.timed(lambda: prefill(variables, prompt[:B], prompt_valid[:B]),
                                   a.iters)
-  rates = {}
+  def timed_keeping(fn):
+    """(median seconds, the last call's output): the counts come from a timed call."""
+    last = {}
+    def call():
+      last['out'] = fn()
+      return last['out']
+    t, _ = bench_core.timed(call, a.iters)
+    return t, last['out']
+
+  rates, shares = {}, {}
   for turns in (1, 2):
     for name, fn in (('generate', batched), ('queue', queued)):
-      t, _ = bench_core.timed(lambda: fn(variables, prompt, prompt_valid, jax.random.key(0),
-                                         turns), a.iters)
-      parts = fn(variables, prompt, prompt_valid, jax.random.key(0), turns)
+      t, parts = timed_keeping(lambda: fn(variables, prompt, prompt_valid, jax.random.key(0),
+                                          turns))
       n = useful(parts)
+      shares[name, turns] = n / (N * turns * T)
       long = np.mean([np.asarray(s.lengths_B == T) for samples in parts for s in samples])
       rates[name, turns] = n / t
       print(f'  ragged {turns} turn(s), {N} episodes, {B} rows, {len(stops)} stop ids: '
-            f'{name:8s} {n / t:9,.0f} useful tok/s ({n / (N * turns * T):.0%} of the '
+            f'{name:8s} {n / t:9,.0f} useful tok/s ({shares[name, turns]:.0%} of the '
             f'{N * turns} x {T} attempt slots; {long:.0%} of attempts ran to {T})')
       if (name, turns) == ('generate', 1):
         print(f'  ragged: the {N // B} prefills of {B} x {P} prompt tokens take '
               f'{N // B * t_prefill:.2f} s, {N // B * t_prefill / t:.0%} of generate\'s time')
-  t_hf, _ = torch_timed(theirs, a.iters)
   with torch.no_grad():
-    n_hf = int(sum((o[:, P:] != 0).sum() for o in theirs()))
+    t_hf, hf_parts = timed_keeping(theirs)
+  n_hf = int(sum((o[:, P:] != 0).sum() for o in hf_parts))
   print(f'  ragged 1 turn: HF generate {n_hf / t_hf:9,.0f} useful tok/s | queue / generate '
         f'{rates["queue", 1] / rates["generate", 1]:5.2f}x (2 turns '
         f'{rates["queue", 2] / rates["generate", 2]:5.2f}x) | queue / HF '
         f'{rates["queue", 1] / (n_hf / t_hf):5.2f}x')
-  out['ragged useful share'] = useful(batched(variables, prompt, prompt_valid,
-                                              jax.random.key(0), 1)) / (N * T)
+  out['ragged useful share'] = shares['generate', 1]
   out['ragged queue/generate'] = rates['queue', 1] / rates['generate', 1]
   out['ragged queue/generate 2 turns'] = rates['queue', 2] / rates['generate', 2]
   out['ragged'] = rates['queue', 1] / (n_hf / t_hf)

@@ -166,7 +166,7 @@ class Episodes:
     self.param_sh, self.batch_sh, self.repl_sh = shardings
     self.mesh = getattr(self.batch_sh, 'mesh', None)
     self.max_prompt_len, self.max_len = rollout_cfg.max_prompt_len, rollout_cfg.max_len
-    self.slots = rollout_cfg.get('slots', 0)
+    self.slots = rollout_cfg.slots
     self.instr_I = np.asarray(tok.encode(fmt.instruction_text(task)), np.int32)
     stops = formats.stop_ids(tok, fmt)
     self.stop_ids = sampling.stop_set(None, stops)

@@ -242,7 +242,7 @@ def finished_results(config, workdir: str, seeds, methods) -> dict:
   return out
 
 
-def write_report(results: dict, seeds, methods, workdir: str, out_dir: str, extra: dict):
+def write_report(results: dict, seeds, methods, out_dir: str, extra: dict):
   """paper.json, paper.md and the plots in `out_dir`; returns the summary."""
   summary = summarize(results, methods, seeds)
   text = format_tables(summary, results, seeds)
@@ -277,7 +277,7 @@ def run_suite(config, workdir: str, seeds, methods, settings: dict) -> dict:
     eta = elapsed / done * left if done else float("nan")
     print(f"[suite] {100 * done / max(total, 1):.0f}% of the training done in "
           f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
-  summary = write_report(results, seeds, methods, workdir, workdir,
+  summary = write_report(results, seeds, methods, workdir,
                          dict(settings=settings, minutes=(time.time() - t0) / 60))
   return dict(summary=summary, results=results)
 
@@ -303,7 +303,7 @@ def main(argv):
       seeds, methods = settings["seeds"], list(_METHODS.value)
       results = finished_results(config, workdir, seeds, methods)
       seeds = [s for s in seeds if s in results]
-      write_report(results, seeds, methods, workdir, os.path.join(workdir, "report"),
+      write_report(results, seeds, methods, os.path.join(workdir, "report"),
                    dict(settings=settings, finished={s: list(results[s]) for s in seeds}))
       return
     run_suite(config, workdir, settings["seeds"], list(_METHODS.value), settings)
