@@ -14,10 +14,12 @@ TFDS = ["tensorflow-datasets", "array-record",
 # (a chat CLI, a llama.cpp build) are not needed: install it with --no-deps (.ci/run).
 # `tensorboard`: its EventAccumulator is the reader that applies purge_step, which the
 # resume test reads the event files back through.
+# `bench`: the peers that bench/bench_peers.py times ours against, on the same weights:
+# transformers' generate and a PyTorch train step, and TRL's GRPOTrainer for the whole RL
+# step (trl brings datasets and pandas). The tests run the benchmark's smoke size.
+BENCH = ["torch==2.13.0", "transformers>=4.50", "safetensors", "trl"]
 TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors", "accelerate",
-        "tensorboard"] + TFDS
-# `bench`: the peers that bench/bench_peers.py times ours against, on the same weights.
-BENCH = ["torch==2.13.0", "transformers>=4.50", "safetensors"]
+        "tensorboard"] + TFDS + BENCH
 # `gcs`: gs:// workdirs. Orbax and the JSONL writer reach them through etils.epath (gcsfs),
 # tensorboardX through google-cloud-storage.
 GCS = ["gcsfs", "google-cloud-storage"]

@@ -30,6 +30,7 @@ from score_jax import sampling
 from score_jax import train
 
 VOCAB, HEAD_DIM = 512, 64
+FIRST_ID = 4  # random tokens start here: ids 0-3 are special (pad, end, begin, unknown)
 NO_EOS = -1  # no sampled id equals it, so every row generates all T tokens
 
 
@@ -87,7 +88,7 @@ def random_prompts(rng, B, P):
   """Left-padded random prompts of P/2..P tokens (ids >= 4: no special tokens)."""
   lengths = rng.integers(P // 2, P + 1, size=B)
   valid = np.arange(P)[None, :] >= (P - lengths)[:, None]
-  tokens = np.where(valid, rng.integers(4, VOCAB, size=(B, P)), 0).astype(np.int32)
+  tokens = np.where(valid, rng.integers(FIRST_ID, VOCAB, size=(B, P)), 0).astype(np.int32)
   return jnp.asarray(tokens), jnp.asarray(valid)
 
 
@@ -104,7 +105,7 @@ def rl_batch(rng, B, L):
     parts_v.append(v)
     parts_t.append(np.where(v, turn, 0).astype(np.int32))
   valid = np.concatenate(parts_v, 1)
-  toks = np.where(valid, rng.integers(4, VOCAB, size=(B, L)), 0).astype(np.int32)
+  toks = np.where(valid, rng.integers(FIRST_ID, VOCAB, size=(B, L)), 0).astype(np.int32)
   return dict(tokens=jnp.asarray(toks), valid=jnp.asarray(valid),
               turn=jnp.asarray(np.concatenate(parts_t, 1)),
               rewards=jnp.asarray(rng.integers(0, 2, (B, 2)).astype(np.float32)))

@@ -17,6 +17,9 @@ times in turn:
   stops, `sampling.generate_queue` refills finished rows; the figure is useful tok/s;
 - the RL train step: our `train.rl_step` (Stage II: reference forward, policy forward and
   backward, per-token KL, Adam) against the same computation written in PyTorch;
+- the whole RL step (`bench_score`): TRL's `GRPOTrainer` step (generate, reward, reference
+  and policy passes, Adam) against ours (two attempts sampled in one KV cache, scored,
+  laid out and trained by the Stage II `rl_step`), in trained completion tokens/s;
 - a float32 matmul reference at the start and at the end (the machine is noisy: read the
   ratios, and trust a run whose two references agree).
 Each time is the median of --iters calls after a warm-up call (compilation excluded).
@@ -27,6 +30,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +40,7 @@ import transformers
 
 import bench_core  # bench/ is on sys.path when run as a script
 from score_jax import config_defaults
+from score_jax import episodes
 from score_jax import export
 from score_jax import model as model_lib
 from score_jax import optimizer
@@ -270,6 +275,103 @@ def bench_train(model, params, hf, a, rng, out):
   out['rl_step'] = t_hf / t_ours
 
 
+def low_id_share(attempt_ids, vocab):
+  """The benchmark's reward, the same for both: the share of an attempt's tokens in the
+  lower half of the vocabulary (cheap, so the step's time is the model's)."""
+  return float(np.mean(np.asarray(attempt_ids) < vocab // 2))
+
+
+def trl_tokenizer(vocab):
+  """A word-level HF tokenizer over ids 't4' ... 't{vocab-1}': TRL's trainer takes text
+  prompts, and this makes them exactly our random token ids."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  words = {'<pad>': 0, '<eos>': 1, '<bos>': 2, '<unk>': 3,
+           **{f't{i}': i for i in range(bench_core.FIRST_ID, vocab)}}
+  tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token='<unk>'))
+  tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token='<pad>',
+                                              eos_token='<eos>', unk_token='<unk>')
+
+
+def bench_score(model, params, a, rng, out):
+  """One whole RL step, sampling to update, in trained completion tokens per second.
+  TRL: GRPO, a batch of `--batch` completions (`--batch // G` prompts x G = 4), one attempt
+  of `--new_tokens`, beta 0.01 (a reference model), one update per generation batch.
+  Ours: the same episodes as SCoRe's Stage II, two attempts of `--new_tokens` with the
+  instruction between them, RLOO groups of 4. Neither stops early (no stop token is
+  drawable), so every attempt is `--new_tokens` long and both train every sampled token."""
+  import datasets  # pylint: disable=g-import-not-at-top
+  import trl  # pylint: disable=g-import-not-at-top
+  B, P, T, G, V = a.batch, a.prompt_len, a.new_tokens, 4, model.config.vocab_size
+  prompt, prompt_valid = bench_core.random_prompts(rng, B // G, P)
+  prompt, prompt_valid = (jnp.repeat(x, G, axis=0) for x in (prompt, prompt_valid))
+  instr_I = jnp.asarray(rng.integers(bench_core.FIRST_ID, V, size=8), jnp.int32)
+  sp = sampling.SampleParams.create(temperature=1.0)
+  sample = jax.jit(functools.partial(sampling.generate, model, turns=2, max_len=T, stop_ids=(),
+                                     instr_I=instr_I))
+  tx = optimizer.make_optimizer(1e-6, 1.0)
+  loss_cfg = recipes.resolve(config_defaults.get_config())[2].objective  # Stage II
+  step = jax.jit(functools.partial(train.rl_step, model, tx, a.chunk, loss_cfg),
+                 donate_argnums=0)
+  ref = jax.tree.map(jnp.copy, params)
+  box = [train.TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params)), 0]
+  trained = []
+
+  def ours():
+    box[1] += 1
+    samples = sample({'params': box[0].params}, prompt, prompt_valid, jax.random.key(box[1]), sp)
+    batch = episodes.Batch(
+        problems=[None] * B, prompt_BxP=np.asarray(prompt), prompt_valid_BxP=np.asarray(prompt_valid),
+        tokens_TxBxL=np.stack([np.asarray(s.tokens_BxT) for s in samples]),
+        valid_TxBxL=np.stack([np.asarray(s.valid_BxT) for s in samples]),
+        truncated_TxB=np.stack([np.asarray(s.truncated_B) for s in samples]),
+        onpolicy_BxT=np.ones((B, 2), bool))
+    batch.rewards_BxT = np.asarray([[low_id_share(x, V) for x in batch.attempt_tokens(t)]
+                                    for t in range(2)], np.float32).T
+    layout = episodes.loss_layout(batch, np.asarray(instr_I))
+    del layout['onpolicy']  # all on-policy
+    trained.append(int((layout['turn'] > 0).sum()))
+    box[0], m = step(box[0], ref, {k: jnp.asarray(v) for k, v in layout.items()})
+    return m['loss']
+  t_ours, _ = bench_core.timed(ours, a.iters)
+
+  class Clock(transformers.TrainerCallback):
+    def __init__(self):
+      self.ends = []
+
+    def on_step_end(self, *unused_args, **unused_kwargs):
+      self.ends.append(time.perf_counter())
+
+  texts = [' '.join(f't{i}' for i in row[v]) for row, v in
+           zip(np.asarray(prompt)[::G], np.asarray(prompt_valid)[::G])]
+  clock = Clock()
+  with tempfile.TemporaryDirectory() as d:
+    export.export(params, model.config, os.path.join(d, 'model'), tokenizer_path=None)
+    args = trl.GRPOConfig(
+        output_dir=d, per_device_train_batch_size=B, num_generations=G,
+        max_completion_length=T, beta=0.01, learning_rate=1e-6, max_steps=a.iters + 1,
+        temperature=1.0, top_k=0, top_p=1.0, use_cpu=True, bf16=False, report_to='none',
+        save_strategy='no', disable_tqdm=True, shuffle_dataset=False,
+        # As in our sampler: pad and end-of-sequence are never drawn, so all T tokens come.
+        generation_kwargs=dict(suppress_tokens=[0, 1]),
+        model_init_kwargs=dict(dtype=torch.float32, attn_implementation='sdpa'))
+    trainer = trl.GRPOTrainer(
+        model=os.path.join(d, 'model'), args=args, processing_class=trl_tokenizer(V),
+        reward_funcs=lambda completion_ids, **_: [low_id_share(c, V) for c in completion_ids],
+        train_dataset=datasets.Dataset.from_dict({'prompt': texts * (a.iters + 1)}),
+        callbacks=[clock])
+    trainer.train()
+  t_trl = float(np.median(np.diff(clock.ends)))  # step ends: the first step's setup excluded
+  lengths = [h['completions/mean_length'] for h in trainer.state.log_history
+             if 'completions/mean_length' in h]
+  n_trl, n_ours = B * float(np.mean(lengths)), float(np.mean(trained))
+  print(f'  full RL step: score_jax (SCoRe Stage II, {B} episodes x 2 attempts) {n_ours:,.0f} '
+        f'trained tokens in {t_ours:.2f} s ({n_ours / t_ours:8,.0f} tok/s) | TRL GRPOTrainer '
+        f'{trl.__version__} ({B} x 1 attempt) {n_trl:,.0f} in {t_trl:.2f} s ({n_trl / t_trl:8,.0f} '
+        f'tok/s) | ratio {n_ours / t_ours / (n_trl / t_trl):5.2f}x')
+  out['score step'] = n_ours / t_ours / (n_trl / t_trl)
+
+
 def main(argv):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--sizes', default='small,medium,smollm2', help=f'of {sorted(SIZES)}')
@@ -280,7 +382,7 @@ def main(argv):
   p.add_argument('--train_len', type=int, default=128)
   p.add_argument('--train_batch', type=int, default=0,
                  help='0: --batch. SmolLM2 at 64 x 128 without remat needs > 24 GB.')
-  p.add_argument('--parts', default='sampler,train')
+  p.add_argument('--parts', default='sampler,train,score')
   p.add_argument('--chunk', type=int, default=64, help='log-prob chunk (rl.logprob_chunk)')
   p.add_argument('--quick', action='store_true', help='tiny sizes: a smoke run')
   a = p.parse_args(argv)
@@ -306,6 +408,8 @@ def main(argv):
       bench_sampler(model, params, hf, a, rng, results[size])
     if 'train' in a.parts:
       bench_train(model, params, hf, a, rng, results[size])
+    if 'score' in a.parts:
+      bench_score(model, params, a, rng, results[size])
   peaks.append(bench_core.matmul_peak(peak_n, 5))
   print(f'\nfloat32 matmul peak at the end: {peaks[1] / 1e9:,.1f} GFLOP/s '
         f'(start/end {peaks[0] / peaks[1]:.2f})')
