@@ -1,10 +1,19 @@
-"""bench/bench_peers.py's smoke run: the side-by-side benchmark keeps working, and the model
-it times in transformers is the one it times here (same greedy tokens)."""
+"""The side-by-side benchmarks' smoke runs: bench_peers keeps working and the model it times
+in transformers is the one it times here (same greedy tokens); bench_profile's decode
+bound times the products it claims to, in XLA and torch alike."""
+import functools
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'bench'))
 import bench_peers  # noqa: E402
+import bench_profile  # noqa: E402
+from score_jax import model as model_lib  # noqa: E402
 
 
 def test_bench_peers_quick_times_both_on_the_same_network():
@@ -16,3 +25,27 @@ def test_bench_peers_quick_times_both_on_the_same_network():
                'ragged queue/generate', 'ragged queue/generate 2 turns'):
     assert results[name] > 0  # time ratios HF / ours
   assert 0 < results['ragged useful share'] < 1
+
+
+def test_decode_bound_counts_and_computes_the_same_products_in_both():
+  cfg = model_lib.ModelConfig(**bench_peers.SIZES['small'])
+  B, S = 8, 24
+  w = bench_profile.chain_weights(cfg, S, B, np.random.default_rng(0))
+  chain = functools.partial(bench_profile.decode_chain, matmul=jnp.matmul, einsum=jnp.einsum)
+  compiled = jax.jit(chain).lower(jax.tree.map(jnp.asarray, w)).compile()
+  # XLA's own count (products plus the few additions between them) against ours.
+  flops = compiled.cost_analysis()
+  flops = (flops if isinstance(flops, dict) else flops[0])['flops']
+  assert abs(flops / bench_profile.chain_flops(cfg, S, B) - 1) < 0.01
+  ours = np.asarray(compiled(jax.tree.map(jnp.asarray, w)))
+  theirs = bench_profile.decode_chain(jax.tree.map(torch.from_numpy, w), torch.matmul,
+                                      torch.einsum).numpy()
+  assert ours.shape == (B, cfg.vocab_size)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_profile_quick_times_every_part():
+  results = bench_profile.main(['--quick'])['tiny']
+  assert results['decode_ours'] > 0 and results['decode_bound'] > 0
+  for name, (ours, theirs) in results['train'].items():
+    assert ours > 0 and (theirs is None or theirs > 0), name
