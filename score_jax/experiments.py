@@ -274,11 +274,12 @@ def run_suite(config, workdir: str, seeds, methods, settings: dict) -> dict:
                                              results.setdefault(seed, {})))
     left = sum(work_units(config, methods, seeds, workdir).values())
     done, elapsed = total - left, time.time() - t0
-    eta = elapsed / done * left if done else float("nan")
-    print(f"[suite] {100 * done / max(total, 1):.0f}% of the training done in "
-          f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
+    # Resumed work costs nothing, so the rate comes from this invocation's training only.
+    eta = f"ETA {elapsed / done * left / 60:.1f} min" if done else "ETA once new training ran"
+    print(f"[suite] {100 * (total - left) / max(total, 1):.0f}% of this invocation's training "
+          f"done in {elapsed / 60:.1f} min, {eta}", flush=True)
   summary = write_report(results, seeds, methods, workdir,
-                         dict(settings=settings, minutes=(time.time() - t0) / 60))
+                         dict(settings=settings, minutes_this_invocation=(time.time() - t0) / 60))
   return dict(summary=summary, results=results)
 
 
