@@ -13,8 +13,8 @@ and `2x HF` is reachable only if HF's step is more than twice the bound.
 
 Train: the RL step in its parts, each compiled (ours) or run (PyTorch) on its own:
 reference forward (log-probs of the taken tokens), policy forward + backward of the same
-log-probs (ours with its entropy pass), the Adam update, and the whole step.
-Each time is the median of --iters calls after a warm-up call.
+log-probs (ours with its entropy pass, and without it), and the Adam update; the whole
+step is bench_peers' `--parts train`. Each time is the median of --iters calls after a warm-up call.
 """
 import argparse
 import functools
@@ -60,6 +60,7 @@ def decode_chain(w, matmul, einsum):
     kv = matmul(x, lw['kv'])
     q = q.reshape(B, -1, w['k'].shape[-1])
     attn = einsum('bns,bsh->bnh', einsum('bnh,bsh->bns', q, w['k']), w['v'])
+    # kv joins the stream only so that its product is not dropped as unused.
     x = x + matmul(attn.reshape(B, -1), lw['o']) + kv[:, :1]
     h = matmul(x, lw['gate_up'])
     x = x + matmul(h[:, :h.shape[1] // 2], lw['down'])
@@ -129,8 +130,9 @@ def profile_train(model, params, hf, a, rng):
 
   def loss(params, with_entropy):
     logp, entropy = objective.token_logprobs(model, params, tokens, valid, C, with_entropy)
-    extra = 0.0 if entropy is None else 0.0 * jax.lax.stop_gradient(entropy).sum()
-    return -jnp.sum(adv[:, None] * logp * answer) / answer.sum() + extra
+    # As in rl_step, the entropy is a metric: computed, kept (so not dropped), no gradient.
+    kept = 0.0 if entropy is None else 0.0 * jax.lax.stop_gradient(entropy).sum()
+    return -jnp.sum(adv[:, None] * logp * answer) / answer.sum() + kept
 
   tx = optimizer.make_optimizer(1e-6, 1.0)
   ref = jax.jit(lambda p: objective.token_logprobs(model, p, tokens, valid, C,
