@@ -104,7 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(source="random", checkpoint=""))
 
   # Sampling during training (evaluation is greedy). Lengths in tokens; max_len is per
-  # attempt. batch_size: episodes per sampler call (0 = the whole step at once). slots:
+  # attempt. batch_size: episodes per sampler call (0 = the whole step at once); the
+  # verifier scores each call's episodes while the device samples the next call's. slots:
   # KV-cache rows per call (0 = one per episode); fewer rows than episodes make the call a
   # queue (sampling.generate_queue) in which a row whose episode ended takes the next one,
   # instead of idling until the longest attempt of its batch ends: worth it when attempt

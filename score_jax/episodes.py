@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+import time
+from typing import Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -218,56 +219,73 @@ class Episodes:
         self.param_sh, self.batch_sh, self.batch_sh, self.repl_sh, self.repl_sh, self.repl_sh),
         out_shardings=self.batch_sh))
 
-  def _attempts(self, params, context_BxC, valid_BxC, rng, sample_params, turns, batch_size):
+  def _attempt_chunks(self, params, context_BxC, valid_BxC, rng, sample_params, turns,
+                      batch_size) -> Iterator[tuple[slice, list[np.ndarray]]]:
     """`turns` attempts after this process's contexts, `batch_size` rows of the global
-    batch per compiled call (0 = all), which bounds the KV cache's memory ->
-    (tokens_TxBxL, valid_TxBxL, truncated_TxB) of this process's rows. `rng`: a key
-    replicated on every device (hosts.key)."""
+    batch per compiled call (0 = all), which bounds the KV cache's memory. Every call is
+    dispatched before the first is fetched: the device queues them, so whatever the caller
+    does with one chunk (decoding, the verifier) runs while the device samples the next.
+    Yields (rows, [tokens_TxBxL, valid_TxBxL, truncated_TxB]) of this process's rows, in
+    order. `rng`: a key replicated on every device (hosts.key)."""
     local = batch_size // jax.process_count() or len(context_BxC)
     starts = range(0, len(context_BxC), local)
     keys = [rng] if len(starts) == 1 else jax.random.split(rng, len(starts))
-    sample_params = hosts.to_global(tuple(np.asarray(v) for v in sample_params), self.repl_sh)
-    parts = []
+    sample_params = sampling.SampleParams(*hosts.to_global(
+        tuple(np.asarray(v) for v in sample_params), self.repl_sh))
+    pending = []
     for start, key in zip(starts, keys):
       rows = slice(start, start + local)
-      samples = self._generate(turns)(
+      pending.append((rows, self._generate(turns)(
           params, hosts.to_global(context_BxC[rows], self.batch_sh),
           hosts.to_global(valid_BxC[rows], self.batch_sh), self._instr_on_device, key,
-          sampling.SampleParams(*sample_params))
-      parts.append([np.stack([hosts.local_rows(getattr(s, f)) for s in samples])
-                    for f in ('tokens_BxT', 'valid_BxT', 'truncated_B')])
-    return [np.concatenate([p[i] for p in parts], axis=1) for i in range(3)]
+          sample_params)))
+    for rows, samples in pending:
+      yield rows, [np.stack([hosts.local_rows(getattr(s, f)) for s in samples])
+                   for f in ('tokens_BxT', 'valid_BxT', 'truncated_B')]
+
+  def sample_chunks(self, params, problems: Sequence[Problem], rng, sample_params, turns: int,
+                    batch_size: int = 0) -> Iterator[Batch]:
+    """`turns` attempts by the policy `params` at each problem (unscored), one `Batch`
+    per compiled call as the device finishes it (`_attempt_chunks`)."""
+    prompt, prompt_valid = self.prompts(problems)
+    for rows, (tokens, valid, truncated) in self._attempt_chunks(
+        params, prompt, prompt_valid, rng, sample_params, turns, batch_size):
+      yield Batch(problems=list(problems[rows]), prompt_BxP=prompt[rows],
+                  prompt_valid_BxP=prompt_valid[rows], tokens_TxBxL=tokens, valid_TxBxL=valid,
+                  truncated_TxB=truncated, onpolicy_BxT=np.ones((len(tokens[0]), turns), bool))
 
   def sample(self, params, problems: Sequence[Problem], rng, sample_params, turns: int,
              batch_size: int = 0) -> Batch:
     """`turns` attempts by the policy `params` at each problem (unscored)."""
-    prompt, prompt_valid = self.prompts(problems)
-    tokens, valid, truncated = self._attempts(params, prompt, prompt_valid, rng, sample_params,
-                                              turns, batch_size)
-    return Batch(problems=list(problems), prompt_BxP=prompt, prompt_valid_BxP=prompt_valid,
-                 tokens_TxBxL=tokens, valid_TxBxL=valid, truncated_TxB=truncated,
-                 onpolicy_BxT=np.ones((len(problems), turns), bool))
+    return concatenate(list(self.sample_chunks(params, problems, rng, sample_params, turns,
+                                               batch_size)))
 
-  def continue_from(self, params, first: Batch, rng, sample_params, turns: int,
-                    batch_size: int = 0) -> Batch:
+  def continue_chunks(self, params, first: Batch, rng, sample_params, turns: int,
+                      batch_size: int = 0) -> Iterator[Batch]:
     """Attempts 2..`turns` by `params` after the given first attempts (e.g. sampled by the
-    reference: offline first attempts). The context [prompt | y_1 | instr] has the loss
-    layout's gaps, which the model never sees."""
+    reference: offline first attempts), chunk by chunk like `sample_chunks`. The context
+    [prompt | y_1 | instr] has the loss layout's gaps, which the model never sees."""
     B, I = first.prompt_BxP.shape[0], len(self.instr_I)
     context = np.concatenate([first.prompt_BxP, first.tokens_TxBxL[0],
                               np.broadcast_to(self.instr_I, (B, I))], 1)
     valid = np.concatenate([first.prompt_valid_BxP, first.valid_TxBxL[0], np.ones((B, I), bool)],
                            1)
-    tokens, valid, truncated = self._attempts(params, context, valid, rng, sample_params,
-                                              turns - 1, batch_size)
-    onpolicy = np.ones((B, turns), bool)
-    onpolicy[:, 0] = False
-    return Batch(problems=first.problems, prompt_BxP=first.prompt_BxP,
-                 prompt_valid_BxP=first.prompt_valid_BxP,
-                 tokens_TxBxL=np.concatenate([first.tokens_TxBxL[:1], tokens]),
-                 valid_TxBxL=np.concatenate([first.valid_TxBxL[:1], valid]),
-                 truncated_TxB=np.concatenate([first.truncated_TxB[:1], truncated]),
-                 onpolicy_BxT=onpolicy)
+    for rows, (tokens, valid_, truncated) in self._attempt_chunks(
+        params, context, valid, rng, sample_params, turns - 1, batch_size):
+      onpolicy = np.ones((len(tokens[0]), turns), bool)
+      onpolicy[:, 0] = False
+      yield Batch(problems=first.problems[rows], prompt_BxP=first.prompt_BxP[rows],
+                  prompt_valid_BxP=first.prompt_valid_BxP[rows],
+                  tokens_TxBxL=np.concatenate([first.tokens_TxBxL[:1, rows], tokens]),
+                  valid_TxBxL=np.concatenate([first.valid_TxBxL[:1, rows], valid_]),
+                  truncated_TxB=np.concatenate([first.truncated_TxB[:1, rows], truncated]),
+                  onpolicy_BxT=onpolicy)
+
+  def continue_from(self, params, first: Batch, rng, sample_params, turns: int,
+                    batch_size: int = 0) -> Batch:
+    """`continue_chunks` as one batch."""
+    return concatenate(list(self.continue_chunks(params, first, rng, sample_params, turns,
+                                                 batch_size)))
 
   def repair(self, params, problems: Sequence[Problem], first_attempts: Sequence[str], rng,
              sample_params) -> list[str]:
@@ -278,7 +296,8 @@ class Episodes:
                 for p, a in zip(problems, first_attempts)]
     tokens, valid = left_pad(contexts, self.max_prompt_len + self.max_len + len(self.instr_I),
                              self.pad_id)
-    out_tokens, out_valid, _ = self._attempts(params, tokens, valid, rng, sample_params, 1, 0)
+    [(_, (out_tokens, out_valid, _))] = self._attempt_chunks(params, tokens, valid, rng,
+                                                             sample_params, 1, 0)
     return [self.tok.decode(row[v]) for row, v in zip(out_tokens[0], out_valid[0])]
 
   # -- rewards --------------------------------------------------------------------------
@@ -291,3 +310,23 @@ class Episodes:
     batch.texts = texts
     batch.rewards_BxT = np.asarray(flat, np.float32).reshape(batch.turns, -1).T.copy()
     return batch
+
+  def score_chunks(self, chunks: Iterable[Batch], times: Optional[dict] = None) -> Batch:
+    """Scores each chunk as it arrives (`sample_chunks`), so the verifier works on one
+    while the device samples the next; the scored chunks as one batch. `times`, if
+    given, gets `sample_time` (seconds waiting for the device) and `score_time` (seconds
+    in the verifier, all but the last chunk's hidden behind sampling)."""
+    scored, waited, scoring = [], 0.0, 0.0
+    chunks = iter(chunks)
+    while True:
+      t0 = time.perf_counter()
+      chunk = next(chunks, None)
+      t1 = time.perf_counter()
+      waited += t1 - t0
+      if chunk is None:
+        break
+      scored.append(self.score(chunk))
+      scoring += time.perf_counter() - t1
+    if times is not None:
+      times.update(sample_time=waited, score_time=scoring)
+    return concatenate(scored)

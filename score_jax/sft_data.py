@@ -93,8 +93,8 @@ def self_generated_rows(config, eps, phase, directory: str):
       problems = [q for q in eps.task.train_problems(rng, rl.num_prompts)
                   for _ in range(rl.samples_per_prompt)]
       key = hosts.key(cfg.seed, phase.index * 1_000_003 + 500_000 + sampled)
-      mine = eps.score(eps.sample(params, hosts.local_share(problems), key, sample_params, turns,
-                                  r.batch_size))
+      mine = eps.score_chunks(eps.sample_chunks(params, hosts.local_share(problems), key,
+                                                sample_params, turns, r.batch_size))
       batch = episodes_lib.gather(mine, problems)
       kept = (pair_rows(batch, rl.samples_per_prompt, rng) if p.data == "pair"
               else star_rows(batch, p.data))

@@ -10,6 +10,7 @@ params, is decided in run.py.
 """
 import dataclasses
 import functools
+import itertools
 import os
 import time
 from typing import Any, Callable, Optional
@@ -345,25 +346,28 @@ def rl_batch_fn(setup: Setup, eps: episodes_lib.Episodes, phase, ref_params):
                                         rl.samples_per_prompt)
     mine = hosts.local_share(problems)
     salt = phase.index * 1_000_003 + step
-    t0 = time.time()
     online = mine[:len(mine) - n_offline]
-    parts = [eps.sample(params, online, hosts.key(cfg.seed, salt), sample_params, phase.turns,
-                        r.batch_size)]
+    times = {}  # Scored chunk by chunk while the device samples the next (score_chunks).
+    chunks = eps.sample_chunks(params, online, hosts.key(cfg.seed, salt), sample_params,
+                               phase.turns, r.batch_size)
     if n_offline:
+      t0 = time.perf_counter()
       first = eps.sample(ref_params, mine[len(online):], hosts.key(cfg.seed, salt, 1),
                          sample_params, 1, r.batch_size)
-      parts.append(eps.continue_from(params, first, hosts.key(cfg.seed, salt, 2), sample_params,
-                                     phase.turns, r.batch_size))
-    t_sample = time.time() - t0
-    batch = eps.score(episodes_lib.concatenate(parts) if n_offline else parts[0])
-    t_score = time.time() - t0 - t_sample
+      t_first = time.perf_counter() - t0
+      chunks = itertools.chain(chunks, eps.continue_chunks(
+          params, first, hosts.key(cfg.seed, salt, 2), sample_params, phase.turns,
+          r.batch_size))
+    batch = eps.score_chunks(chunks, times)
+    if n_offline:
+      times["sample_time"] += t_first
     layout = episodes_lib.loss_layout(batch, eps.instr_I)
     if not n_offline:
       del layout["onpolicy"]  # All on-policy: the loss needs no mask.
     whole = episodes_lib.gather(batch, problems)
     new_tokens = float(whole.lengths_TxB().sum())
-    metrics = dict(host_metrics(whole), sample_time=t_sample, score_time=t_score,
-                   sample_tokens_per_s=new_tokens / t_sample)
+    metrics = dict(host_metrics(whole), **times,
+                   sample_tokens_per_s=new_tokens / times["sample_time"])
     # Cumulative, summed over the hosts' verifiers: a rising count shows hacking.
     metrics.update(hosts.sum_scalars(eps.task.reward_stats()))
     return layout, metrics

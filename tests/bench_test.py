@@ -1,6 +1,7 @@
 """The side-by-side benchmarks' smoke runs: bench_peers keeps working and the model it times
 in transformers is the one it times here (same greedy tokens); bench_profile's decode
-bound times the products it claims to, in XLA and torch alike."""
+bound times the products it claims to, in XLA and torch alike; bench_overlap samples the
+same episodes both ways."""
 import functools
 import os
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'bench'))
+import bench_overlap  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_profile  # noqa: E402
 from score_jax import model as model_lib  # noqa: E402
@@ -49,3 +51,8 @@ def test_bench_profile_quick_times_every_part():
   assert results['decode_ours'] > 0 and results['decode_bound'] > 0
   for name, (ours, theirs) in results['train'].items():
     assert ours > 0 and (theirs is None or theirs > 0), name
+
+
+def test_bench_overlap_quick_scores_the_same_episodes_both_ways():
+  out = bench_overlap.main(['--quick'])
+  assert out['same'] and out['after'] > 0 and out['overlapped'] > 0

@@ -95,11 +95,11 @@ def test_continue_from_given_first_attempts_matches_reference():
       self.stop_ids = (eos_id(),)
       self._fn = sampler(MODEL, L, (eos_id(),), 2)
 
-    def _attempts(self, params_, context, valid, rng, sample_params, turns, batch_size):
+    def _attempt_chunks(self, params_, context, valid, rng, sample_params, turns, batch_size):
       assert turns == 2
       s = self._fn(params_, context, valid, rng, instr_I=INSTR)
-      return [np.stack([np.asarray(getattr(x, f)) for x in s])
-              for f in ('tokens_BxT', 'valid_BxT', 'truncated_B')]
+      yield slice(None), [np.stack([np.asarray(getattr(x, f)) for x in s])
+                          for f in ('tokens_BxT', 'valid_BxT', 'truncated_B')]
   out = Eps().continue_from(params(), first, jax.random.key(3), None, turns=3)
   assert out.turns == 3
   np.testing.assert_array_equal(out.onpolicy_BxT, np.tile([False, True, True], (len(PROMPTS), 1)))
@@ -131,3 +131,68 @@ def test_left_and_right_pad():
   np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 0, 0]])
   with pytest.raises(ValueError, match='raise config.rollout.max_len'):
     episodes.right_pad([[1, 2, 3, 4]], 3)
+
+
+class _ChunkTask:
+  """A verifier that records how many sampler calls had been dispatched at each call."""
+  correction_instruction = 'again'
+
+  def __init__(self, dispatched):
+    self.dispatched, self.seen = dispatched, []
+
+  def prompt(self, problem):
+    return problem
+
+  def rewards(self, texts, problems):
+    self.seen.append(self.dispatched[0])
+    return [float(len(t) % 3 == 0) for t in texts]
+
+
+def _chunk_episodes():
+  from score_jax import sharding
+  from score_jax.tasks import formats
+
+  class Tok:
+    pad_id, bos_id, eos_id = 0, 2, eos_id()
+    encode = staticmethod(lambda text: [4 + ord(c) % 40 for c in text])
+    decode = staticmethod(lambda ids: ' '.join(map(str, ids)))
+
+  class Rollout:
+    max_prompt_len, max_len, slots = P, L, 0
+  dispatched = [0]
+  repl = sharding.replicated(jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',)))
+  eps = episodes.Episodes(MODEL, (repl, repl, repl), Tok(), _ChunkTask(dispatched),
+                          formats.PromptFormat(turn2='{instruction}'), Rollout())
+  generate = eps._generate
+
+  def counting(turns):
+    fn = generate(turns)
+    def call(*args):
+      dispatched[0] += 1
+      return fn(*args)
+    return call
+  eps._generate = counting
+  return eps
+
+
+def test_chunks_are_scored_as_they_arrive_and_equal_one_call():
+  """With `batch_size` a third of the batch, every sampler call is dispatched before the
+  verifier sees the first chunk (so the verifier runs while the device samples), the
+  verifier is called once per chunk, and greedy attempts and rewards equal one call over
+  the whole batch."""
+  from score_jax import sampling
+  eps = _chunk_episodes()
+  problems = ['ab', 'cde', 'f', 'ghij', 'kl', 'mno', 'p', 'qrstu', 'vw', 'xyz', 'a', 'bcd']
+  greedy = sampling.SampleParams.create(0.0)
+  times = {}
+  policy = params()['params']
+  chunked = eps.score_chunks(eps.sample_chunks(policy, problems, jax.random.key(0), greedy,
+                                               2, batch_size=4), times)
+  assert eps.task.seen == [3, 3, 3] and set(times) == {'sample_time', 'score_time'}
+  whole = eps.score(eps.sample(policy, problems, jax.random.key(1), greedy, 2))
+  assert eps.task.seen[-1] == 4
+  assert len(set(whole.lengths_TxB()[0])) >= 2 and len(set(whole.rewards_BxT[:, 1])) == 2
+  assert chunked.problems == problems
+  for name in ('prompt_BxP', 'tokens_TxBxL', 'valid_TxBxL', 'truncated_TxB', 'rewards_BxT'):
+    np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name), err_msg=name)
+  assert chunked.texts == whole.texts
