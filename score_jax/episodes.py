@@ -268,24 +268,18 @@ class Episodes:
     B, I = first.prompt_BxP.shape[0], len(self.instr_I)
     context = np.concatenate([first.prompt_BxP, first.tokens_TxBxL[0],
                               np.broadcast_to(self.instr_I, (B, I))], 1)
-    valid = np.concatenate([first.prompt_valid_BxP, first.valid_TxBxL[0], np.ones((B, I), bool)],
-                           1)
-    for rows, (tokens, valid_, truncated) in self._attempt_chunks(
-        params, context, valid, rng, sample_params, turns - 1, batch_size):
+    context_valid = np.concatenate(
+        [first.prompt_valid_BxP, first.valid_TxBxL[0], np.ones((B, I), bool)], 1)
+    for rows, (tokens, valid, truncated) in self._attempt_chunks(
+        params, context, context_valid, rng, sample_params, turns - 1, batch_size):
       onpolicy = np.ones((len(tokens[0]), turns), bool)
       onpolicy[:, 0] = False
-      yield Batch(problems=first.problems[rows], prompt_BxP=first.prompt_BxP[rows],
+      yield Batch(problems=list(first.problems[rows]), prompt_BxP=first.prompt_BxP[rows],
                   prompt_valid_BxP=first.prompt_valid_BxP[rows],
                   tokens_TxBxL=np.concatenate([first.tokens_TxBxL[:1, rows], tokens]),
-                  valid_TxBxL=np.concatenate([first.valid_TxBxL[:1, rows], valid_]),
+                  valid_TxBxL=np.concatenate([first.valid_TxBxL[:1, rows], valid]),
                   truncated_TxB=np.concatenate([first.truncated_TxB[:1, rows], truncated]),
                   onpolicy_BxT=onpolicy)
-
-  def continue_from(self, params, first: Batch, rng, sample_params, turns: int,
-                    batch_size: int = 0) -> Batch:
-    """`continue_chunks` as one batch."""
-    return concatenate(list(self.continue_chunks(params, first, rng, sample_params, turns,
-                                                 batch_size)))
 
   def repair(self, params, problems: Sequence[Problem], first_attempts: Sequence[str], rng,
              sample_params) -> list[str]:

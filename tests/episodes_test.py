@@ -78,14 +78,14 @@ def test_loss_layout_and_logprob_consistency(turns, temperature):
 
 
 class _Tok:
-  """Just what `Episodes.continue_from` needs."""
+  """Just what `Episodes.continue_chunks` needs."""
   pad_id, bos_id = 0, None
 
   def encode(self, text):
     return []
 
 
-def test_continue_from_given_first_attempts_matches_reference():
+def test_continue_chunks_after_given_first_attempts_match_reference():
   """Offline first attempts: later attempts by the policy after [prompt, y_1, instr] laid out
   with the loss layout's gaps equal a fresh no-cache decode of the packed context."""
   first, _ = batch(1, 1.0)  # first attempts sampled at temperature 1 (not the policy's greedy)
@@ -100,7 +100,8 @@ def test_continue_from_given_first_attempts_matches_reference():
       s = self._fn(params_, context, valid, rng, instr_I=INSTR)
       yield slice(None), [np.stack([np.asarray(getattr(x, f)) for x in s])
                           for f in ('tokens_BxT', 'valid_BxT', 'truncated_B')]
-  out = Eps().continue_from(params(), first, jax.random.key(3), None, turns=3)
+  out = episodes.concatenate(list(Eps().continue_chunks(params(), first, jax.random.key(3), None,
+                                                        turns=3)))
   assert out.turns == 3
   np.testing.assert_array_equal(out.onpolicy_BxT, np.tile([False, True, True], (len(PROMPTS), 1)))
   np.testing.assert_array_equal(out.tokens_TxBxL[0], first.tokens_TxBxL[0])
