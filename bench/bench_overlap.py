@@ -73,7 +73,7 @@ def main(argv):
              for _ in range(a.episodes)]
 
   class Rollout:
-    max_prompt_len, max_len, slots = a.prompt_len, a.new_tokens, 0
+    max_prompt_len, max_len, slots, live_spans = a.prompt_len, a.new_tokens, 0, 1
   repl = sharding.replicated(jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',)))
   eps = episodes.Episodes(model, (repl, repl, repl), Tokens(), SlowVerifier(a.verifier_ms / 1e3),
                           formats.PromptFormat(turn1='{prompt}', turn2=' {instruction}'),

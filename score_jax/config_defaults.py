@@ -109,11 +109,14 @@ def get_config() -> ml_collections.ConfigDict:
   # KV-cache rows per call (0 = one per episode); fewer rows than episodes make the call a
   # queue (sampling.generate_queue) in which a row whose episode ended takes the next one,
   # instead of idling until the longest attempt of its batch ends: worth it when attempt
-  # lengths spread widely, and it bounds the cache's memory. RL phases need temperature 1
-  # and no top-k / top-p: the loss differentiates the untransformed policy.
+  # lengths spread widely, and it bounds the cache's memory. live_spans: a decode step
+  # attends over the smallest of this many spans of the cache that holds every slot written
+  # (sampling.live_spans), each span compiled once; 1 = the whole cache every step. Worth
+  # it at long caches, where reading the empty future dominates a step. RL phases need
+  # temperature 1 and no top-k / top-p: the loss differentiates the untransformed policy.
   c.rollout = ml_collections.ConfigDict(dict(
       max_prompt_len=16, max_len=32, temperature=1.0, top_k=0, top_p=1.0, batch_size=0,
-      slots=0))
+      slots=0, live_spans=1))
 
   # Settings shared by every RL phase. Episodes per step = num_prompts * samples_per_prompt
   # (RLOO groups of k samples). kl_estimator: 'k1' = KL(pi || ref), 'k3' = KL(ref || pi);
@@ -220,8 +223,9 @@ def check(config, num_devices: int):
   check(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 = greedy)")
   check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
   check(r.top_k >= 0, "rollout.top_k", r.top_k, "must be >= 0 (0 = off)")
-  for f in ("max_prompt_len", "max_len"):
-    check(r[f] > 0, f"rollout.{f}", r[f], "must be positive")
+  for f in ("max_prompt_len", "max_len", "live_spans"):
+    check(isinstance(r[f], int) and r[f] > 0, f"rollout.{f}", r[f],
+          "must be a positive integer")
   rl_phases = [p.name for p in phases if p.kind == "rl" and p.steps]
   if config.mode == "train" and rl_phases:
     # The loss differentiates log pi itself; samples from a tempered or truncated pi would

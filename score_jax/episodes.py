@@ -167,7 +167,7 @@ class Episodes:
     self.param_sh, self.batch_sh, self.repl_sh = shardings
     self.mesh = getattr(self.batch_sh, 'mesh', None)
     self.max_prompt_len, self.max_len = rollout_cfg.max_prompt_len, rollout_cfg.max_len
-    self.slots = rollout_cfg.slots
+    self.slots, self.live_spans = rollout_cfg.slots, rollout_cfg.live_spans
     self.instr_I = np.asarray(tok.encode(fmt.instruction_text(task)), np.int32)
     stops = formats.stop_ids(tok, fmt)
     self.stop_ids = sampling.stop_set(None, stops)
@@ -209,7 +209,7 @@ class Episodes:
   def _generate(self, turns: int):
     def generate(params, context_BxC, valid_BxC, instr_I, rng, sample_params):
       kw = dict(turns=turns, max_len=self.max_len, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                instr_I=instr_I)
+                instr_I=instr_I, spans=self.live_spans)
       if 0 < self.slots < context_BxC.shape[0]:  # a queue through fewer cache rows
         return sampling.generate_queue(self.model, {'params': params}, context_BxC, valid_BxC,
                                        rng, sample_params, slots=self.slots, **kw)

@@ -329,7 +329,9 @@ class Attention(nn.Module):
       k_all = write_slots(cache['k'], k_BxKxLxH.astype(cache['k'].dtype), cache_slot, axis=2)
       v_all = write_slots(cache['v'], v_BxKxLxH.astype(cache['v'].dtype), cache_slot, axis=2)
       new_cache = {'k': k_all, 'v': v_all}
-      k_BxKxSxH, v_BxKxSxH = k_all.astype(c.dtype), v_all.astype(c.dtype)
+      # Only the first S slots are attended: the mask's width (see Transformer).
+      S = attn_mask_BxLxS.shape[-1]
+      k_BxKxSxH, v_BxKxSxH = k_all[:, :, :S].astype(c.dtype), v_all[:, :, :S].astype(c.dtype)
 
     # Query head n shares kv head n // G (Gemma's grouping); the einsum over groups avoids
     # materialising repeated keys.
@@ -404,9 +406,10 @@ class Transformer(nn.Module):
     """-> (logits_BxLxV float32 | hidden_BxLxD, new_cache or None).
 
     With a cache, the L new k/v go to slots [cache_slot, cache_slot + L) (a scalar, or one
-    slot per row: `write_slots`) and queries attend
-    over all S cache slots under `attn_mask_BxLxS`; without, S == L. Local layers further
-    restrict the mask to the sliding window.
+    slot per row: `write_slots`) and queries attend over the first S cache slots under
+    `attn_mask_BxLxS`, S <= the cache's size: a decode step whose written slots all lie
+    below S reads only those (`sampling.live_spans`). Without a cache, S == L. Local
+    layers further restrict the mask to the sliding window.
     """
     c = self.config
     if cache is None:
@@ -415,6 +418,7 @@ class Transformer(nn.Module):
       key_positions_BxS = write_slots(cache['positions'], positions_BxL.astype(jnp.int32),
                                       cache_slot, axis=1)
       new_cache = {'positions': key_positions_BxS}
+      key_positions_BxS = key_positions_BxS[:, :attn_mask_BxLxS.shape[-1]]
     masks = {GLOBAL: attn_mask_BxLxS}
     if LOCAL in c.layer_types():
       masks[LOCAL] = window_mask(attn_mask_BxLxS, positions_BxL, key_positions_BxS,

@@ -168,7 +168,7 @@ def resolve(config) -> list[Phase]:
 # change them freely.
 _EXECUTION_ONLY = ('mode', 'mesh', 'sharding_rules', 'checkpoint', 'log_every', 'eval',
                    'recipe', 'phases', 'rl.microbatches', 'rollout.batch_size',
-                   'rollout.slots')
+                   'rollout.slots', 'rollout.live_spans')
 
 
 def _without(d: dict, dotted: str):

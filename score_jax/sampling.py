@@ -12,6 +12,14 @@ the compiled loop and never retraces per call.
 with an instruction between them (the SCoRe episode, offline repair, plain sampling).
 `generate_queue` gives the same episodes through fewer cache rows than episodes, each
 row with its own slot counter, refilled as its episode ends (ragged attempt lengths).
+
+The cache is sized for the longest episode, but most decode steps have written only its
+first part. With `spans` > 1 (`live_spans`) a step attends over the smallest of a few
+static spans that holds every written slot, so the empty future costs no KV reads: on an
+accelerator the cache's traffic, not the weights', dominates a decode step at long caches
+and large batches. Each span is its own `while_loop` over the steps whose slots it holds,
+one after the other; a `lax.switch` per step instead made XLA copy the whole cache into
+and out of the branch every step.
 """
 from typing import NamedTuple, Optional, Sequence
 
@@ -70,11 +78,14 @@ def _empty_state(config, batch_size: int, cache_size: int) -> DecodeState:
       last_logits_BxV=jnp.zeros((batch_size, config.vocab_size), jnp.float32))
 
 
-def append(model, params, state: DecodeState, tokens_BxL, valid_BxL) -> DecodeState:
+def append(model, params, state: DecodeState, tokens_BxL, valid_BxL,
+           live: Optional[int] = None) -> DecodeState:
   """Prefills L tokens at `state.slot`. The caller must size the cache: past its end
-  `dynamic_update_slice` would clamp and overwrite earlier slots."""
+  `dynamic_update_slice` would clamp and overwrite earlier slots. With `live` (static),
+  attention reads only the first `live` slots, which must hold every slot written so far
+  and these L (the caller's promise: rows past it attend to nothing)."""
   B, L = tokens_BxL.shape
-  S = state.valid_BxS.shape[1]
+  W = live or state.valid_BxS.shape[1]  # the slots attended
   valid_BxS = model_lib.write_slots(state.valid_BxS, valid_BxL, state.slot, axis=1)
   # Positions continue the row's count of valid tokens; same as positions_from_valid over
   # the whole sequence, so cached and full-forward logits agree.
@@ -82,11 +93,11 @@ def append(model, params, state: DecodeState, tokens_BxL, valid_BxL) -> DecodeSt
   cum_BxL = jnp.cumsum(valid_BxL.astype(jnp.int32), axis=1)
   # Query at slot q sees valid slots <= q and itself (so pads never attend to nothing).
   query_slot_BxL = jnp.broadcast_to(state.slot, (B,))[:, None] + jnp.arange(L)
-  key_slot_S = jnp.arange(S)
-  causal_BxLxS = key_slot_S <= query_slot_BxL[..., None]
-  self_BxLxS = key_slot_S == query_slot_BxL[..., None]
-  mask_BxLxS = (causal_BxLxS & valid_BxS[:, None, :]) | self_BxLxS
-  hidden_BxLxD, cache = model.apply(params, tokens_BxL, positions_BxL, mask_BxLxS,
+  key_slot_W = jnp.arange(W)
+  causal_BxLxW = key_slot_W <= query_slot_BxL[..., None]
+  self_BxLxW = key_slot_W == query_slot_BxL[..., None]
+  mask_BxLxW = (causal_BxLxW & valid_BxS[:, None, :W]) | self_BxLxW
+  hidden_BxLxD, cache = model.apply(params, tokens_BxL, positions_BxL, mask_BxLxW,
                                     cache=state.cache, cache_slot=state.slot,
                                     return_hidden=True)
   # Only the last valid position's logits are needed; unembed just that one row.
@@ -100,6 +111,13 @@ def append(model, params, state: DecodeState, tokens_BxL, valid_BxL) -> DecodeSt
       next_pos_B=state.next_pos_B + cum_BxL[:, -1],
       slot=state.slot + L,
       last_logits_BxV=jnp.where(any_valid_B[:, None], logits_BxV, state.last_logits_BxV))
+
+
+def live_spans(cache_size: int, spans: int) -> tuple[int, ...]:
+  """`spans` static attention spans evenly up to `cache_size`, in multiples of 8."""
+  step = -(-cache_size // max(spans, 1))
+  step = -(-step // 8) * 8
+  return tuple(sorted({min(cache_size, step * (i + 1)) for i in range(max(spans, 1))}))
 
 
 def start(model, params, tokens_BxP, valid_BxP, cache_size: int) -> DecodeState:
@@ -203,7 +221,7 @@ class _Loop(NamedTuple):
 
 
 def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
-           max_new_tokens: int, stop_ids: Sequence[int], pad_id: int = 0
+           max_new_tokens: int, stop_ids: Sequence[int], pad_id: int = 0, spans: int = 1
            ) -> tuple[DecodeState, Sample]:
   """Samples up to T tokens per row, one slot per step, until every row emitted a stop
   token (`stop_ids`, static, see `stop_set`). Finished rows write `pad_id` as invalid
@@ -211,18 +229,20 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
 
   The last sampled token is fed to the model too, so the cache holds the full answer (incl.
   the stop token) and `state.slot` ends right after the longest sample, ready for `append`.
+  `spans`: see `live_spans`.
   """
   B = state.valid_BxS.shape[0]
   S = state.valid_BxS.shape[1]
+  widths = live_spans(S, spans)
   T = max_new_tokens
   stop_ids = tuple(stop_ids)
   stop_K = jnp.asarray(stop_ids or (-1,), jnp.int32)  # -1: never sampled
   never_id = None if pad_id in stop_ids else pad_id
 
-  def cond(loop: _Loop):
-    return (loop.step < T) & ~jnp.all(loop.done_B) & (loop.state.slot < S)
+  def cond(loop: _Loop, end: int):
+    return (loop.step < T) & ~jnp.all(loop.done_B) & (loop.state.slot < end)
 
-  def body(loop: _Loop) -> _Loop:
+  def body(loop: _Loop, live: int) -> _Loop:
     rng, step_rng = jax.random.split(loop.rng)
     live_B = ~loop.done_B
     token_B, logprob_B = _draw(loop.state.last_logits_BxV, step_rng, sample_params, never_id)
@@ -231,7 +251,7 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
     return _Loop(
         step=loop.step + 1,
         done_B=loop.done_B | jnp.isin(token_B, stop_K),
-        state=append(model, params, loop.state, token_B[:, None], live_B[:, None]),
+        state=append(model, params, loop.state, token_B[:, None], live_B[:, None], live),
         rng=rng,
         tokens_BxT=jax.lax.dynamic_update_slice(loop.tokens_BxT, token_B[:, None], at),
         valid_BxT=jax.lax.dynamic_update_slice(loop.valid_BxT, live_B[:, None], at),
@@ -242,7 +262,8 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
       step=jnp.int32(0), done_B=jnp.zeros((B,), bool), state=state, rng=rng,
       tokens_BxT=jnp.full((B, T), pad_id, jnp.int32), valid_BxT=jnp.zeros((B, T), bool),
       logprobs_BxT=jnp.zeros((B, T), jnp.float32))
-  loop = jax.lax.while_loop(cond, body, loop)
+  for w in widths:  # Slots only grow: a span whose end is behind the slot runs no step.
+    loop = jax.lax.while_loop(lambda l, w=w: cond(l, w), lambda l, w=w: body(l, w), loop)
   return loop.state, Sample(
       tokens_BxT=loop.tokens_BxT, valid_BxT=loop.valid_BxT, logprobs_BxT=loop.logprobs_BxT,
       lengths_B=jnp.sum(loop.valid_BxT, axis=1, dtype=jnp.int32), truncated_B=~loop.done_B)
@@ -250,13 +271,14 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
 
 def generate(model, params, context_BxC, context_valid_BxC, rng, sample_params: SampleParams,
              *, turns: int, max_len: int, stop_ids: Sequence[int], pad_id: int = 0,
-             instr_I=None) -> tuple[Sample, ...]:
+             instr_I=None, spans: int = 1) -> tuple[Sample, ...]:
   """context -> attempt 1 -> [instr -> attempt t] for t = 2..turns, in one KV cache.
 
   `context_BxC` is left-padded (or has gaps: only validity counts). Each attempt ends at
   a stop token or after `max_len` tokens; the instruction is written right after the
   longest attempt of the batch. Jittable with model, turns, max_len, stop_ids and pad_id
-  static. The cache has exactly the slots this needs, so nothing is clamped.
+  static. The cache has exactly the slots this needs, so nothing is clamped. `spans`: the
+  decode steps' attention spans (`live_spans`).
   """
   B, C = context_BxC.shape
   I = 0 if instr_I is None else instr_I.shape[0]
@@ -271,7 +293,7 @@ def generate(model, params, context_BxC, context_valid_BxC, rng, sample_params: 
       instr_BxI = jnp.broadcast_to(instr_I, (B, I)).astype(context_BxC.dtype)
       state = append(model, params, state, instr_BxI, jnp.ones((B, I), bool))
     state, sample = decode(model, params, state, keys[t], sample_params, max_len, stop_ids,
-                           pad_id)
+                           pad_id, spans)
     attempts.append(sample)
   return tuple(attempts)
 
@@ -293,7 +315,7 @@ class _Queue(NamedTuple):
 def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
                    sample_params: SampleParams, *, slots: int, turns: int, max_len: int,
                    stop_ids: Sequence[int], pad_id: int = 0, instr_I=None,
-                   refill: int = 0) -> tuple[Sample, ...]:
+                   refill: int = 0, spans: int = 1) -> tuple[Sample, ...]:
   """`generate` for N episodes through a cache of `slots` rows: an episode's row takes the
   next episode as soon as it is done, instead of idling until the batch's longest
   episode ends. Same outputs as `generate` on all N rows (greedy: the same tokens; the
@@ -308,7 +330,9 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
   prefilled together in a batch of `refill` rows: a prefill costs about as many FLOPs as
   `refill` rows decoding `context` tokens one by one would, so batching them keeps the
   prefill as cheap as `generate`'s, while the share of decode-step rows left idle stays
-  below refill / slots. Jittable with everything after `sample_params` static.
+  below refill / slots. A decode step attends over the smallest of `spans` spans
+  (`live_spans`) that holds the highest slot of its busy rows. Jittable with everything
+  after `sample_params` static.
   """
   N, C = context_NxC.shape
   B = slots
@@ -318,6 +342,7 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
     raise ValueError('more than one attempt needs the instruction between them')
   instr_I = jnp.zeros((1,), jnp.int32) if instr_I is None else instr_I.astype(jnp.int32)
   S = C + turns * max_len + (turns - 1) * I
+  widths = live_spans(S, spans)
   stop_ids = tuple(stop_ids)
   stop_K = jnp.asarray(stop_ids or (-1,), jnp.int32)
   never_id = None if pad_id in stop_ids else pad_id
@@ -338,7 +363,7 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
                       turn_B=put(q.turn_B, 0), pos_B=put(q.pos_B, 0), instr_B=put(q.instr_B, I),
                       next_episode=q.next_episode + n)
 
-  def decode_step(q: _Queue) -> _Queue:
+  def decode_step(q: _Queue, live: int) -> _Queue:
     """One token per busy row: the next instruction token, or a sampled one."""
     rng, step_rng = jax.random.split(q.rng)
     busy_B = q.episode_B >= 0
@@ -353,8 +378,9 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
     ended_B = stopped_B | sampling_B & (q.pos_B + 1 == max_len)
     more_B = ended_B & (q.turn_B + 1 < turns)
     return q._replace(
-        # Free rows write pads as invalid slots; their cache is replaced when refilled.
-        state=append(model, params, q.state, token_B[:, None], busy_B[:, None]),
+        # Free rows write pads as invalid slots; their cache is replaced when refilled, so
+        # they need not fit the span (their queries then see nothing, and are unused).
+        state=append(model, params, q.state, token_B[:, None], busy_B[:, None], live),
         rng=rng,
         episode_B=jnp.where(ended_B & ~more_B, -1, q.episode_B),
         turn_B=q.turn_B + more_B,
@@ -365,14 +391,27 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
         logprobs_TxNxL=q.logprobs_TxNxL.at[at].set(logprob_B, mode='drop'),
         truncated_TxN=q.truncated_TxN.at[at[:2]].set(ended_B & ~stopped_B, mode='drop'))
 
-  def body(q: _Queue) -> _Queue:
+  def step(q: _Queue, live: int) -> _Queue:
     left = N - q.next_episode
     free = jnp.sum(q.episode_B < 0)
     return jax.lax.cond((left > 0) & (free >= jnp.minimum(R, left)), take_episodes,
-                        decode_step, q)
+                        lambda q: decode_step(q, live), q)
 
   def cond(q: _Queue):
     return (q.next_episode < N) | jnp.any(q.episode_B >= 0)
+
+  def top_slot(q: _Queue):  # the highest slot a busy row writes next (0 if none is busy)
+    return jnp.max(jnp.where(q.episode_B >= 0, q.state.slot, 0))
+
+  def spans_in_turn(q: _Queue) -> _Queue:
+    """Each span's loop runs while the top slot lies in it. A refill can lower the top
+    slot, so the spans are cycled until the queue is done; each cycle makes progress, as
+    the top slot always lies in one span."""
+    for lo, hi in zip((0,) + widths[:-1], widths):
+      q = jax.lax.while_loop(
+          lambda q, lo=lo, hi=hi: cond(q) & (lo <= top_slot(q)) & (top_slot(q) < hi),
+          lambda q, hi=hi: step(q, hi), q)
+    return q
 
   empty = _empty_state(model.config, B, S)
   q = _Queue(
@@ -384,7 +423,7 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
       valid_TxNxL=jnp.zeros((turns, N, max_len), bool),
       logprobs_TxNxL=jnp.zeros((turns, N, max_len), jnp.float32),
       truncated_TxN=jnp.zeros((turns, N), bool))
-  q = jax.lax.while_loop(cond, body, q)
+  q = jax.lax.while_loop(cond, spans_in_turn, q)
   return tuple(Sample(tokens_BxT=q.tokens_TxNxL[t], valid_BxT=q.valid_TxNxL[t],
                       logprobs_BxT=q.logprobs_TxNxL[t],
                       lengths_B=jnp.sum(q.valid_TxNxL[t], axis=1, dtype=jnp.int32),

@@ -1,7 +1,7 @@
 """The side-by-side benchmarks' smoke runs: bench_peers keeps working and the model it times
 in transformers is the one it times here (same greedy tokens); bench_profile's decode
 bound times the products it claims to, in XLA and torch alike; bench_overlap samples the
-same episodes both ways."""
+same episodes both ways; bench_spans samples the same tokens at every number of spans."""
 import functools
 import os
 import sys
@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'bench'))
 import bench_overlap  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_profile  # noqa: E402
+import bench_spans  # noqa: E402
 from score_jax import model as model_lib  # noqa: E402
 
 
@@ -51,6 +52,11 @@ def test_bench_profile_quick_times_every_part():
   assert results['decode_ours'] > 0 and results['decode_bound'] > 0
   for name, (ours, theirs) in results['train'].items():
     assert ours > 0 and (theirs is None or theirs > 0), name
+
+
+def test_bench_spans_quick_runs_each_number_of_spans():
+  out = bench_spans.main(['--quick', '--spans', '1,3'])  # exits if the tokens differ
+  assert [r['spans'] for r in out] == [1, 3] and all(r['seconds'] > 0 for r in out)
 
 
 def test_bench_overlap_quick_scores_the_same_episodes_both_ways():

@@ -146,6 +146,7 @@ def test_pipeline_kill_resume_and_eval(tmp_path):
     ("--config.rl.microbatches=3", "rl.microbatches"),
     ("--config.rollout.batch_size=24", "rollout.batch_size"),
     ("--config.rollout.slots=-4", "rollout.slots"),
+    ("--config.rollout.live_spans=0", "rollout.live_spans"),
 ])
 def test_bad_config_names_the_field(monkeypatch, override, field):
   # The CLI's own parsing (ml_collections reads the overrides from sys.argv) and its check,

@@ -159,7 +159,7 @@ def _chunk_episodes():
     decode = staticmethod(lambda ids: ' '.join(map(str, ids)))
 
   class Rollout:
-    max_prompt_len, max_len, slots = P, L, 0
+    max_prompt_len, max_len, slots, live_spans = P, L, 0, 1
   dispatched = [0]
   repl = sharding.replicated(jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',)))
   eps = episodes.Episodes(MODEL, (repl, repl, repl), Tok(), _ChunkTask(dispatched),

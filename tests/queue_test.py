@@ -24,10 +24,10 @@ def eos_id(model=MODEL):
   return pick_eos(no_eos, L)  # ends first attempts at different steps, leaves some truncated
 
 
-def queue(model, slots, turns, refill=0):
+def queue(model, slots, turns, refill=0, spans=1):
   fn = jax.jit(functools.partial(
       sampling.generate_queue, model, slots=slots, turns=turns, max_len=L,
-      stop_ids=sampling.stop_set(None, (eos_id(model),)), refill=refill))
+      stop_ids=sampling.stop_set(None, (eos_id(model),)), refill=refill, spans=spans))
 
   def run(params, temperature=0.0, seed=7):
     prompt, valid = episodes.left_pad(PROMPTS, P)
@@ -41,17 +41,19 @@ def fields(samples):
           for f in ('tokens_BxT', 'valid_BxT', 'logprobs_BxT', 'lengths_B', 'truncated_B')}
 
 
-@pytest.mark.parametrize('model,turns,slots,refill', [
-    (MODEL, 2, 4, 0), (MODEL, 3, 5, 2), (MODEL, 1, 3, 1), (WINDOW_MODEL, 2, 4, 0)])
-def test_greedy_queue_equals_generate_on_all_rows(model, turns, slots, refill):
+@pytest.mark.parametrize('model,turns,slots,refill,spans', [
+    (MODEL, 2, 4, 0, 1), (MODEL, 3, 5, 2, 4), (MODEL, 1, 3, 1, 1), (WINDOW_MODEL, 2, 4, 0, 3)])
+def test_greedy_queue_equals_generate_on_all_rows(model, turns, slots, refill, spans):
   """Rows are reused (13 episodes, fewer slots), attempts end at different steps (eos or
-  truncation), instructions are fed token by token: the tokens are generate's, exactly."""
+  truncation), instructions are fed token by token: the tokens are generate's, exactly.
+  With `spans` > 1 the queue attends over the live span of its busy rows' cache only,
+  while generate (the reference) reads the whole cache."""
   p = params(model=model)
   prompt, valid = episodes.left_pad(PROMPTS, P)
   want = sampler(model, L, (eos_id(model),), turns)(p, prompt, valid, jax.random.key(7),
                                                instr_I=INSTR if turns > 1 else None)
   want = fields(want if turns > 1 else (want,))
-  got = fields(queue(model, slots, turns, refill)(p))
+  got = fields(queue(model, slots, turns, refill, spans)(p))
   for f in ('tokens_BxT', 'valid_BxT', 'lengths_B', 'truncated_B'):
     np.testing.assert_array_equal(got[f], want[f], err_msg=f)
   np.testing.assert_allclose(got['logprobs_BxT'], want['logprobs_BxT'], atol=3e-5)
@@ -63,9 +65,10 @@ def test_greedy_queue_equals_generate_on_all_rows(model, turns, slots, refill):
 def test_sampled_episodes_match_a_full_forward(turns):
   """At temperature 1 the queue's draws differ from generate's, so check each episode on
   its own: its recorded log-probs are those of one plain forward over
-  [prompt, y_1, instr, ..., y_T]. A row that kept a previous episode's keys, or fed the
-  instruction at the wrong slot, would fail this."""
-  out = fields(queue(MODEL, 4, turns)(params(), temperature=1.0, seed=3))
+  [prompt, y_1, instr, ..., y_T]. A row that kept a previous episode's keys, fed the
+  instruction at the wrong slot, or read too short a live span (`spans` = turns), would
+  fail this."""
+  out = fields(queue(MODEL, 4, turns, spans=turns)(params(), temperature=1.0, seed=3))
   prompt, valid = episodes.left_pad(PROMPTS, P)
   b = episodes.Batch(problems=[None] * len(PROMPTS), prompt_BxP=prompt, prompt_valid_BxP=valid,
                      tokens_TxBxL=out['tokens_BxT'], valid_TxBxL=out['valid_BxT'],

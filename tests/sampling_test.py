@@ -3,6 +3,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,11 +40,11 @@ def params(seed=0, model=MODEL):
       lambda path, x: x if 'embedder' in jax.tree_util.keystr(path) else 3 * x, init)
 
 
-def sampler(model, max_len, stops=(), turns=1):
+def sampler(model, max_len, stops=(), turns=1, spans=1):
   """`sampling.generate` jitted once: (params, tokens, valid, rng, temperature, top_k, top_p,
   instr) -> the attempts (one Sample each; a single Sample when turns == 1)."""
   fn = jax.jit(functools.partial(sampling.generate, model, turns=turns, max_len=max_len,
-                                 stop_ids=sampling.stop_set(None, stops)))
+                                 stop_ids=sampling.stop_set(None, stops), spans=spans))
 
   def run(params, tokens_BxP, valid_BxP, rng, temperature=0.0, top_k=0, top_p=1.0,
           instr_I=None):
@@ -137,6 +138,64 @@ def test_sliding_window_cached_decode_matches_no_cache():
                                                         local_global_pattern=0))
   unwindowed = [reference_greedy(p, prompt, T, None, model=no_window)[1] for prompt in PROMPTS]
   assert np.abs(np.array(unwindowed) - np.asarray(sample.logprobs_BxT)).max() > 1e-3
+
+
+def test_live_spans_are_static_multiples_of_8_up_to_the_cache():
+  assert sampling.live_spans(100, 4) == (32, 64, 96, 100)  # ceil(100 / 4) = 25 -> 32
+  assert sampling.live_spans(100, 1) == (100,)
+  assert sampling.live_spans(20, 8) == (8, 16, 20)  # spans narrower than 8 merge
+
+
+def _attention_widths(jaxpr) -> set[int]:
+  """The key widths S of every query-key product in the program: the einsum
+  'BLKGH,BKSH' lowers to a dot_general batched over (B, K) whose output is [B, K, S, L, G]."""
+  widths = set()
+  for eqn in jaxpr.eqns:
+    if (eqn.primitive.name == 'dot_general' and eqn.outvars[0].aval.ndim == 5
+        and eqn.params['dimension_numbers'][1] == ((0, 1), (0, 2))):
+      widths.add(eqn.outvars[0].aval.shape[2])
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      widths |= _attention_widths(sub)
+  return widths
+
+
+def test_live_span_decode_matches_no_cache():
+  """Two attempts, each decode step attending over the smallest of 4 spans of the 2 * 8 +
+  8 + 3-slot cache that holds its slot: the tokens and log-probs of the no-cache
+  recomputation (Gemma 2/3 layers: global, and local with a sliding window)."""
+  model = WINDOW_MODEL
+  p, instr = params(model=model), np.array([3, 4, 5], np.int32)
+  tokens_BxP, valid_BxP = left_pad(PROMPTS, P)
+  run = sampler(model, T, turns=2, spans=4)
+  first, second = run(p, tokens_BxP, valid_BxP, jax.random.key(0), instr_I=instr)
+  # The program attends over 4 widths of the 27-slot cache (the prefill over all 27).
+  assert sampling.live_spans(P + 2 * T + 3, 4) == (8, 16, 24, 27)
+  jaxpr = jax.make_jaxpr(run.jitted)(p, tokens_BxP, valid_BxP, jax.random.key(0),
+                                     sampling.SampleParams.create(), instr_I=instr)
+  assert _attention_widths(jaxpr.jaxpr) == {8, 16, 24, 27}
+  for i, prompt in enumerate(PROMPTS):
+    tokens1, logp1 = reference_greedy(p, prompt, T, None, model=model)
+    np.testing.assert_array_equal(first.tokens_BxT[i], tokens1)
+    tokens2, logp2 = reference_greedy(p, prompt + tokens1 + list(instr), T, None, model=model)
+    np.testing.assert_array_equal(second.tokens_BxT[i], tokens2)
+    np.testing.assert_allclose(first.logprobs_BxT[i], logp1, atol=1e-5)
+    np.testing.assert_allclose(second.logprobs_BxT[i], logp2, atol=1e-5)
+
+
+def test_a_span_too_short_changes_the_logits():
+  """The span is what attention reads: one that misses written slots gives other logits
+  (so the test above would fail if a step picked too short a span)."""
+  p = params()
+  tokens_BxP, valid_BxP = left_pad(PROMPTS, P)
+  state = jax.jit(sampling.start, static_argnums=(0, 4))(MODEL, p, tokens_BxP, valid_BxP, 16)
+  nxt = jnp.full((len(PROMPTS), 1), 7, jnp.int32)
+  ones = jnp.ones((len(PROMPTS), 1), bool)
+  append = jax.jit(sampling.append, static_argnums=0, static_argnames='live')
+  whole = append(MODEL, p, state, nxt, ones).last_logits_BxV
+  np.testing.assert_allclose(append(MODEL, p, state, nxt, ones, live=9).last_logits_BxV,
+                             whole, atol=1e-5)
+  short = append(MODEL, p, state, nxt, ones, live=4).last_logits_BxV
+  assert np.abs(np.asarray(short) - np.asarray(whole)).max() > 1e-2
 
 
 def test_stop_ids_end_rows_at_any_of_the_set():

@@ -58,7 +58,7 @@ def _setup():
   return model, params, ref, (prompt, prompt_valid), batch, loss_cfg
 
 
-def greedy_tokens(model, params, prompt, prompt_valid, max_new_tokens=10):
+def greedy_tokens(model, spans, params, prompt, prompt_valid, max_new_tokens=10):
   """sampling.start + sampling.decode, greedy (a pure function of its arrays)."""
   import jax
   from score_jax import sampling
@@ -66,7 +66,8 @@ def greedy_tokens(model, params, prompt, prompt_valid, max_new_tokens=10):
   state = sampling.start(model, p, prompt, prompt_valid,
                          cache_size=prompt.shape[1] + max_new_tokens)
   _, sample = sampling.decode(model, p, state, jax.random.key(0),
-                              sampling.SampleParams.create(0.0), max_new_tokens, ())
+                              sampling.SampleParams.create(0.0), max_new_tokens, (),
+                              spans=spans)
   return sample.tokens_BxT, sample.logprobs_BxT
 
 
@@ -99,8 +100,10 @@ def _child():
     p, param_sh = mesh_helpers.place(mesh, params, rules)
     r, _ = mesh_helpers.place(mesh, ref, rules)
     batch_sh = sharding.batch_sharding(mesh)
+    # Sharded meshes decode over live spans of the 18-slot cache (8, 16, 18), the
+    # unsharded reference over the whole cache.
     sample = sharding.under_mesh(mesh, jax.jit(
-        functools.partial(greedy_tokens, model),
+        functools.partial(greedy_tokens, model, 1 if shape == (1, 1) else 3),
         in_shardings=(param_sh, batch_sh, batch_sh)))(p, prompt, prompt_valid)
     loss = sharding.under_mesh(mesh, jax.jit(
         functools.partial(loss_and_grads, model, loss_cfg, 8),
