@@ -242,7 +242,7 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
   def cond(loop: _Loop, end: int):
     return (loop.step < T) & ~jnp.all(loop.done_B) & (loop.state.slot < end)
 
-  def body(loop: _Loop, live: int) -> _Loop:
+  def body(loop: _Loop, width: int) -> _Loop:
     rng, step_rng = jax.random.split(loop.rng)
     live_B = ~loop.done_B
     token_B, logprob_B = _draw(loop.state.last_logits_BxV, step_rng, sample_params, never_id)
@@ -251,7 +251,7 @@ def decode(model, params, state: DecodeState, rng, sample_params: SampleParams,
     return _Loop(
         step=loop.step + 1,
         done_B=loop.done_B | jnp.isin(token_B, stop_K),
-        state=append(model, params, loop.state, token_B[:, None], live_B[:, None], live),
+        state=append(model, params, loop.state, token_B[:, None], live_B[:, None], width),
         rng=rng,
         tokens_BxT=jax.lax.dynamic_update_slice(loop.tokens_BxT, token_B[:, None], at),
         valid_BxT=jax.lax.dynamic_update_slice(loop.valid_BxT, live_B[:, None], at),
@@ -363,7 +363,7 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
                       turn_B=put(q.turn_B, 0), pos_B=put(q.pos_B, 0), instr_B=put(q.instr_B, I),
                       next_episode=q.next_episode + n)
 
-  def decode_step(q: _Queue, live: int) -> _Queue:
+  def decode_step(q: _Queue, width: int) -> _Queue:
     """One token per busy row: the next instruction token, or a sampled one."""
     rng, step_rng = jax.random.split(q.rng)
     busy_B = q.episode_B >= 0
@@ -380,7 +380,7 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
     return q._replace(
         # Free rows write pads as invalid slots; their cache is replaced when refilled, so
         # they need not fit the span (their queries then see nothing, and are unused).
-        state=append(model, params, q.state, token_B[:, None], busy_B[:, None], live),
+        state=append(model, params, q.state, token_B[:, None], busy_B[:, None], width),
         rng=rng,
         episode_B=jnp.where(ended_B & ~more_B, -1, q.episode_B),
         turn_B=q.turn_B + more_B,
@@ -391,11 +391,11 @@ def generate_queue(model, params, context_NxC, context_valid_NxC, rng,
         logprobs_TxNxL=q.logprobs_TxNxL.at[at].set(logprob_B, mode='drop'),
         truncated_TxN=q.truncated_TxN.at[at[:2]].set(ended_B & ~stopped_B, mode='drop'))
 
-  def step(q: _Queue, live: int) -> _Queue:
+  def step(q: _Queue, width: int) -> _Queue:
     left = N - q.next_episode
     free = jnp.sum(q.episode_B < 0)
     return jax.lax.cond((left > 0) & (free >= jnp.minimum(R, left)), take_episodes,
-                        lambda q: decode_step(q, live), q)
+                        lambda q: decode_step(q, width), q)
 
   def cond(q: _Queue):
     return (q.next_episode < N) | jnp.any(q.episode_B >= 0)
