@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -261,13 +262,76 @@ def train_phase(setup: Setup, phase, tx, step_fn: Callable, batch_fn: Callable,
   return params
 
 
+@dataclasses.dataclass
+class _Dispatched:
+  """A step whose update is queued on the device and whose metrics are not read yet."""
+  step: int
+  metrics: Any  # device arrays
+  host_metrics: dict
+  n_tokens: int
+  t_start: float  # when the step's batch began
+  t_dispatch: float
+  ready: list  # [when the metrics were computed]
+  waiter: Optional[threading.Thread]  # appends to `ready` when the host did not wait
+
+  @classmethod
+  def of(cls, step, metrics, host_metrics, n_tokens, t_start, t_dispatch, wait: bool):
+    if wait:
+      jax.block_until_ready(metrics)
+      return cls(step, metrics, host_metrics, n_tokens, t_start, t_dispatch, [time.time()], None)
+    ready = []
+    # Times the update without making the loop wait for it (blocking releases the GIL).
+    waiter = threading.Thread(target=lambda: (jax.block_until_ready(metrics),
+                                              ready.append(time.time())), daemon=True)
+    waiter.start()
+    return cls(step, metrics, host_metrics, n_tokens, t_start, t_dispatch, ready, waiter)
+
+
+def host_waits_for_updates() -> bool:
+  """Whether the loop waits for each update before making the next batch. On the CPU
+  backend the host's work takes cores from XLA's own threads: overlapping it made the
+  demo's SFT steps 5-8% slower (README, Benchmarks), so the host waits there."""
+  return jax.default_backend() == "cpu"
+
+
 def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, state_sh,
           ref_params, kl, best):
+  """Step n's metrics are read one step late (as nanodo does): the host makes batch n + 1
+  while update n runs (an SFT batch whole; an RL batch up to the sampler, which needs n's
+  params; not on the CPU backend, `host_waits_for_updates`), then reads n's metrics, logs
+  them and checkpoints n before it queues update n + 1 (which donates n's state).
+  The adaptive KL and the best-reward selection still see step n before step n + 1, so a
+  run is the same, step for step, as one that waits."""
   cfg, name, steps = setup.config, phase.name, phase.steps
   state = TrainState(hosts.to_global(np.int32(start), setup.repl_sh), params, opt_state)
   ref_sh = None if ref_params is None else setup.param_sh
   jitted = None
   writer = writers.MetricWriter(setup.workdir, name, steps, cfg.log_every, resume_step=start)
+  wait = host_waits_for_updates()
+
+  def finish(d: _Dispatched, t_next: float):
+    """Logs and checkpoints dispatched step `d`; `state` is still its output."""
+    m = jax.device_get(d.metrics)
+    if d.waiter:
+      d.waiter.join()
+    # step_time: from this batch's start to the next one's, so the steps' times add up to
+    # the wall time; train_time: from queueing the update until it was computed.
+    dt = t_next - d.t_start
+    writer.write(d.step + 1, dict(m, **d.host_metrics, step_time=dt,
+                                  train_time=d.ready[0] - d.t_dispatch,
+                                  tokens_per_s=d.n_tokens / dt))
+    meta = dict(phase=name)
+    if kl is not None:
+      kl.update(m)
+      meta["kl_scale"] = kl.scale
+    if best is not None:
+      if best.improved(m[f"r{phase.turns}"]):
+        ckpt.best.save(d.step + 1, state.params, meta=dict(phase=name, best_reward=best.best),
+                       force=True)
+      meta.update(reward_history=best.history, best_reward=best.best)
+    ckpt.main.save(d.step + 1, state.params, state.opt_state, meta, force=d.step + 1 == steps)
+
+  pending = None
   try:
     for step in range(start, steps):
       t0 = time.time()
@@ -275,9 +339,14 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
         batch, host_metrics = batch_fn(state.params, step)
       except sft_data.NoData as e:  # Finished as it stands, so a rerun does not try again.
         print(e, flush=True)
+        if pending:
+          finish(pending, time.time())
+          pending = None
         ckpt.main.save(steps, state.params, state.opt_state, dict(phase=name, no_data=True),
                        force=True)
         break
+      if pending:
+        finish(pending, t0)
       if kl is not None:
         batch["kl_scale"] = kl.scale_T(phase.turns)
       if jitted is None:  # The batch's keys decide its shardings: [B, ...] split, the rest not.
@@ -289,22 +358,9 @@ def _loop(setup, phase, tx, step_fn, batch_fn, ckpt, start, params, opt_state, s
       n_tokens = hosts.sum_scalars(dict(n=int(np.sum(batch["valid"]))))["n"]
       t1 = time.time()
       state, m = jitted(state, ref_params, hosts.to_global(batch, batch_sh))
-      m = jax.device_get(m)
-      t2 = time.time()
-      t_train, dt = t2 - t1, t2 - t0
-      # step_time = sample + score + train + the host's share (gathers, layout, metrics).
-      writer.write(step + 1, dict(m, **host_metrics, step_time=dt, train_time=t_train,
-                                  tokens_per_s=n_tokens / dt))
-      meta = dict(phase=name)
-      if kl is not None:
-        kl.update(m)
-        meta["kl_scale"] = kl.scale
-      if best is not None:
-        if best.improved(m[f"r{phase.turns}"]):
-          ckpt.best.save(step + 1, state.params, meta=dict(phase=name, best_reward=best.best),
-                         force=True)
-        meta.update(reward_history=best.history, best_reward=best.best)
-      ckpt.main.save(step + 1, state.params, state.opt_state, meta, force=step + 1 == steps)
+      pending = _Dispatched.of(step, m, host_metrics, n_tokens, t0, t1, wait)
+    if pending:
+      finish(pending, time.time())
   finally:
     writer.close()
   return state.params
@@ -347,6 +403,9 @@ def rl_batch_fn(setup: Setup, eps: episodes_lib.Episodes, phase, ref_params):
     mine = hosts.local_share(problems)
     salt = phase.index * 1_000_003 + step
     online = mine[:len(mine) - n_offline]
+    # The previous update may still be running (`_loop` reads its metrics one step late):
+    # the sampler needs its params, so wait here, and sample_time is the sampler's own.
+    jax.block_until_ready(params)
     times = {}  # Scored chunk by chunk while the device samples the next (score_chunks).
     chunks = eps.sample_chunks(params, online, hosts.key(cfg.seed, salt), sample_params,
                                phase.turns, r.batch_size)

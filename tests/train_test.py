@@ -125,3 +125,91 @@ def test_bfloat16_params_keep_a_float32_master_copy():
   np.testing.assert_array_equal(np.asarray(p['w']),
                                 np.asarray(state.master['w'].astype(jnp.bfloat16)))
   assert float(out[False][0]['w'][0]) == 1.0  # without the master: stuck at 1.0
+
+
+def _loop_fixture(tmp_path):
+  """A tiny SFT setup, its batch, and a step that reports the KL scale it was given and
+  fake `kl1` / `r1` metrics from its step (best at step index 2)."""
+  from score_jax import config_defaults
+
+  config = config_defaults.get_config()
+  config.model.update(vocab_size=32, embed_dim=32, hidden_dim=64, num_layers=1, num_heads=2,
+                      head_dim=16)
+  config.checkpoint.every = 2
+  setup = train.Setup(config, str(tmp_path))
+  tx = optax.adam(1e-2)
+  _, _, _, batch = _setup()
+  batch = {k: batch[k] for k in ('tokens', 'valid', 'turn')}
+
+  def step_fn(state, ref_params, b):
+    new, m = train.sft_step(setup.model, tx, 8, (), state, ref_params,
+                            {k: b[k] for k in batch})
+    s = state.step.astype(jnp.float32)
+    return new, dict(m, kl1=s + 0.5, r1=-(s - 2) ** 2, scale_seen=b['kl_scale'][0])
+  return setup, tx, batch, step_fn
+
+
+def _rows(tmp_path):
+  import json
+  path = tmp_path / 'metrics.jsonl'
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize('wait', [False, True])  # an accelerator's path; the CPU backend's
+def test_loop_reads_metrics_one_step_late_and_keeps_every_step(tmp_path, monkeypatch, wait):
+  """Batch n + 1 is made before step n's metrics are read (so before they are logged),
+  yet the KL controller and the best-reward selection see step n before step n + 1, the
+  sampler gets the params of step n, and a crash mid-phase resumes with each step logged
+  once and the same params as a run without the crash."""
+  import types
+  assert train.host_waits_for_updates()  # the tests run on the CPU backend
+  monkeypatch.setattr(train, 'host_waits_for_updates', lambda: wait)
+  setup, tx, batch, step_fn = _loop_fixture(tmp_path)
+  steps = 5
+  phase = types.SimpleNamespace(name='p', steps=steps, turns=1)
+
+  # The reference: the same updates one after another, waiting for each.
+  state = train.TrainState(jnp.int32(0), setup.init_params(0), None)
+  state = state.replace(opt_state=tx.init(state.params))
+  jitted = jax.jit(functools.partial(train.sft_step, setup.model, tx, 8, ()))
+  params_after = [state.params]
+  for _ in range(steps):
+    state, _ = jitted(state, None, batch)
+    params_after.append(state.params)
+
+  seen = []
+  def batch_fn(params, step):
+    if step == 3 and not seen_crash:
+      seen_crash.append(step)
+      raise RuntimeError('killed')
+    seen.append((step, [r['step'] for r in _rows(tmp_path)]))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_after[step])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    return dict(batch), {}
+
+  def run():
+    kl = train.AdaptiveKL(target=1.0, rate=0.1, anchored=(0,))
+    best = train.BestReward(window=1)
+    return train.train_phase(setup, phase, tx, step_fn, batch_fn,
+                             lambda: setup.init_params(0), kl=kl, best=best)
+  seen_crash = []
+  with pytest.raises(RuntimeError, match='killed'):
+    run()
+  # Steps 0..2 ran; step 2's metrics were not read before the crash in batch 3, and the
+  # last checkpoint is step 2's (every=2), so the resumed run starts at step index 2.
+  assert [r['step'] for r in _rows(tmp_path)] == [1, 2]
+  assert seen == [(0, []), (1, []), (2, [1])]
+  seen.clear()
+  best_params = run()
+  assert seen == [(2, [1, 2]), (3, [1, 2]), (4, [1, 2, 3])]
+  rows = _rows(tmp_path)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5]  # each once
+  # The scale of step k was updated from kl1 of steps 0..k-1 (kl1 = k + 0.5, target 1).
+  scale = 1.0
+  for k, row in enumerate(rows):
+    assert row['scale_seen'] == pytest.approx(scale, rel=1e-6)
+    scale *= 1 + 0.1 * float(np.clip((k + 0.5) - 1.0, -0.2, 0.2))
+  assert all(r['train_time'] > 0 and r['step_time'] > 0 for r in rows)
+  # The best window is step index 2's reward (0): the phase hands on its params.
+  for a, b in zip(jax.tree.leaves(best_params), jax.tree.leaves(params_after[3])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
