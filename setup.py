@@ -18,7 +18,8 @@ TFDS = ["tensorflow-datasets", "array-record",
 # transformers' generate and a PyTorch train step, and TRL's GRPOTrainer for the whole RL
 # step (trl brings datasets and pandas). The tests run the benchmark's smoke size.
 BENCH = ["torch==2.13.0", "transformers>=4.50", "safetensors", "trl"]
-TEST = ["pytest", "torch==2.13.0", "transformers>=4.50", "safetensors", "accelerate",
+# pytest-xdist: the suite runs in two worker processes (pytest.ini).
+TEST = ["pytest", "pytest-xdist", "torch==2.13.0", "transformers>=4.50", "safetensors", "accelerate",
         "tensorboard"] + TFDS + BENCH
 # `gcs`: gs:// workdirs. Orbax and the JSONL writer reach them through etils.epath (gcsfs),
 # tensorboardX through google-cloud-storage.
