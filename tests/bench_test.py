@@ -1,7 +1,8 @@
 """The side-by-side benchmarks' smoke runs: bench_peers keeps working and the model it times
 in transformers is the one it times here (same greedy tokens); bench_profile's decode
 bound times the products it claims to, in XLA and torch alike; bench_overlap samples the
-same episodes both ways; bench_spans samples the same tokens at every number of spans."""
+same episodes both ways; bench_spans samples the same tokens at every number of spans;
+bench_loop trains the same params whether or not the host waits for each update."""
 import functools
 import os
 import sys
@@ -12,11 +13,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'bench'))
+import bench_loop  # noqa: E402
 import bench_overlap  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_profile  # noqa: E402
 import bench_spans  # noqa: E402
 from score_jax import model as model_lib  # noqa: E402
+from score_jax import train  # noqa: E402
 
 
 def test_bench_peers_quick_times_both_on_the_same_network():
@@ -57,6 +60,13 @@ def test_bench_profile_quick_times_every_part():
 def test_bench_spans_quick_runs_each_number_of_spans():
   out = bench_spans.main(['--quick', '--spans', '1,3'])  # exits if the tokens differ
   assert [r['spans'] for r in out] == [1, 3] and all(r['seconds'] > 0 for r in out)
+
+
+def test_bench_loop_quick_trains_the_same_params_both_ways():
+  periods = bench_loop.main(['--quick'])  # exits if the params differ
+  assert len(periods[False]) == len(periods[True]) == 1
+  assert all(p > 0 for p in periods[False] + periods[True])
+  assert train.host_waits_for_updates()  # restored after the benchmark
 
 
 def test_bench_overlap_quick_scores_the_same_episodes_both_ways():
