@@ -9,8 +9,6 @@ Both ways train the same params (checked); the figure is the median step period 
 metrics' row times past the first 5 steps (compilation), and the ratio overlap / wait.
 """
 import argparse
-import json
-import os
 import shlex
 import sys
 import tempfile
@@ -21,6 +19,7 @@ import numpy as np
 from score_jax import config_defaults
 from score_jax import run as run_lib
 from score_jax import train
+from score_jax import writers
 
 
 def _phase_run(steps: int, overlap: bool, workdir: str, tiny: bool):
@@ -36,8 +35,7 @@ def _phase_run(steps: int, overlap: bool, workdir: str, tiny: bool):
   finally:
     run.close()
     train.host_waits_for_updates = waits
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  t = np.array([r["time"] for r in rows if r["phase"] == "base"])
+  t = np.array([r["time"] for r in writers.read_rows(workdir, "base")])
   return float(np.median(np.diff(t)[5:])), params
 
 

@@ -49,6 +49,15 @@ def drop_rows_after(path: str, phase: str, step: int) -> int:
   return dropped
 
 
+def read_rows(workdir: str, phase: Optional[str] = None) -> list:
+  """The rows of <workdir>/metrics.jsonl (of `phase`, if given); [] when there is none."""
+  path = epath.Path(resolve_path(workdir)) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in rows if phase is None or r.get("phase") == phase]
+
+
 class MetricWriter:
   """Writes one phase's per-step scalars to <workdir>/metrics.jsonl and <workdir>/tb/<phase>.
 

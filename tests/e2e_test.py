@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from score_jax import config_defaults
+from score_jax import writers
 from score_jax.recipes import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,11 +45,7 @@ def _env():
 
 
 def _metrics(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return writers.read_rows(str(workdir))
 
 
 def test_pipeline_kill_resume_and_eval(tmp_path):

@@ -150,9 +150,8 @@ def _loop_fixture(tmp_path):
 
 
 def _rows(tmp_path):
-  import json
-  path = tmp_path / 'metrics.jsonl'
-  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+  from score_jax import writers
+  return writers.read_rows(str(tmp_path))
 
 
 @pytest.mark.parametrize('wait', [False, True])  # an accelerator's path; the CPU backend's

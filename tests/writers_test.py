@@ -125,3 +125,12 @@ def test_binned_histograms_reach_tensorboard(tmp_path):
   assert event.step == 1 and event.histogram_value.num == 8
   assert list(event.histogram_value.bucket) == [6, 0, 0, 2]
   assert 'edit_ratio_hist' not in json.loads(open(tmp_path / 'metrics.jsonl').readline())
+
+
+def test_read_rows_gives_each_phase_its_rows(tmp_path):
+  assert writers.read_rows(str(tmp_path)) == []  # nothing written yet
+  _write(tmp_path, 'base', [1, 2])
+  _write(tmp_path, 'stage1', [1])
+  assert [(r['phase'], r['step']) for r in writers.read_rows(str(tmp_path))] == [
+      ('base', 1), ('base', 2), ('stage1', 1)]
+  assert [r['loss'] for r in writers.read_rows(str(tmp_path), 'base')] == [1.0, 2.0]
